@@ -1,0 +1,85 @@
+"""One graph builder for everything the compiler emits: unique names, initializers, nodes.
+
+Every relevance subgraph is written through a :class:`GraphBuilder`, so no handler has to
+invent tensor names or remember to register an initializer.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class GraphBuilder:
+    """Appends nodes and initializers to an existing ``onnx.GraphProto``."""
+
+    def __init__(self, graph: onnx.GraphProto, prefix: str = "lrp"):
+        self.graph = graph
+        self.prefix = prefix
+        self._taken: set[str] = set()
+        self._counter = 0
+        self._scalars: dict[tuple, str] = {}
+        self._take_existing_names()
+
+    def _take_existing_names(self) -> None:
+        g = self.graph
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            self._taken.add(v.name)
+        for t in g.initializer:
+            self._taken.add(t.name)
+        for n in g.node:
+            self._taken.update(n.input)
+            self._taken.update(n.output)
+            if n.name:
+                self._taken.add(n.name)
+
+    # -- names ---------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        """A tensor or node name not used anywhere in the graph, readable in a profiler."""
+        base = f"{self.prefix}/{re.sub(r'[^A-Za-z0-9_./-]', '_', hint)}"
+        name = base
+        while name in self._taken:
+            self._counter += 1
+            name = f"{base}_{self._counter}"
+        self._taken.add(name)
+        return name
+
+    # -- constants -----------------------------------------------------------------------------
+    def const(self, value, hint: str = "const", dtype=np.float32) -> str:
+        """An initializer holding ``value``. Scalars and tiny tensors are shared by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = None
+        if arr.size <= 8:
+            key = (arr.dtype.str, arr.shape, arr.tobytes())
+            if key in self._scalars:
+                return self._scalars[key]
+        name = self.fresh(hint)
+        self.graph.initializer.append(numpy_helper.from_array(arr, name))
+        if key is not None:
+            self._scalars[key] = name
+        return name
+
+    def ints(self, values: Iterable[int], hint: str = "ints") -> str:
+        return self.const(list(values), hint, dtype=np.int64)
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, outputs: int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        """Append one node; returns its output name (or names when ``outputs > 1``)."""
+        hint = hint or op_type.lower()
+        outs = [self.fresh(hint if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
+        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"node/{hint}"),
+                                domain=domain or None, **attrs)
+        self.graph.node.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    def output(self, name: str, elem_type: int, shape) -> None:
+        self.graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def identity(self, src: str, dst: str) -> None:
+        """Expose ``src`` under the exact name ``dst`` (e.g. a graph output)."""
+        self._taken.add(dst)
+        self.graph.node.append(helper.make_node("Identity", [src], [dst], name=self.fresh(f"node/{dst}")))

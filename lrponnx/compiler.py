@@ -1,0 +1,275 @@
+"""The explainer compiler: a model in, the model plus its relevance graph out.
+
+1. :func:`lrponnx.load.prepare` reads, checks, upgrades and shape-infers the model.
+2. :func:`lrponnx.units.build_units` groups its nodes into units (linear layers with their
+   folded bias/BatchNorm, LRNs, single ops) without changing the forward graph.
+3. :func:`lrponnx.composites.assign_rules` gives each unit a rule.
+4. :func:`emit_relevance` walks the units from the logits back to the inputs and appends each
+   unit's relevance subgraph (from the handler table in :mod:`lrponnx.relevance`).
+5. The result is checked with ``onnx.checker.check_model(full_check=True)``.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from . import __version__
+from .builder import GraphBuilder
+from .composites import RuleOptions, assign_rules, parse_override
+from .errors import InvalidModelError, Offender, UnsupportedModelError
+from .load import first_line, prepare
+from .relevance import Ctx, Unsupported, load_handlers
+from .units import Unit, build_units
+from .view import ModelView
+
+TARGET_INPUT = "target"
+SEEDS = ("logit", "one")
+
+
+@dataclass
+class Plan:
+    """What the compiler would do: the units with their rules, and what it cannot explain."""
+
+    model: onnx.ModelProto
+    view: ModelView
+    units: list[Unit]
+    logits: str
+    offenders: list[Offender]
+
+
+def _options(composite, epsilon, gamma, low, high, rules, lrn_rule, lrn_epsilon, lrn_denominator) -> RuleOptions:
+    overrides = [parse_override(r) if isinstance(r, str) else r for r in (rules or [])]
+    return RuleOptions(composite=composite, epsilon=float(epsilon), gamma=float(gamma), low=low, high=high,
+                       lrn_rule=lrn_rule, lrn_epsilon=float(lrn_epsilon), lrn_denominator=lrn_denominator,
+                       overrides=overrides)
+
+
+def find_logits(view: ModelView) -> str:
+    """The tensor to explain: the first output, or the input of a Softmax/LogSoftmax producing it."""
+    if not view.outputs:
+        raise InvalidModelError("the model has no outputs")
+    out = view.outputs[0]
+    node = view.producer.get(out)
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
+        return node.input[0]
+    return out
+
+
+def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
+         low=None, high=None, rules=(), lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6,
+         lrn_denominator: str = "sum") -> Plan:
+    """Prepare the model and assign rules, without emitting anything (``lrponnx inspect``)."""
+    model = prepare(model)
+    view = ModelView(model)
+    logits = find_logits(view)
+    units = build_units(view)
+    opts = _options(composite, epsilon, gamma, low, high, rules, lrn_rule, lrn_epsilon, lrn_denominator)
+    if opts.low is None and opts.high is None and opts.composite == "epsilon-gamma-box":
+        opts.low, opts.high = _bounds_from_metadata(model)
+    assign_rules(units, view.inputs, opts)
+    offenders = _static_offenders(view, units, logits)
+    return Plan(model, view, units, logits, offenders)
+
+
+def _bounds_from_metadata(model: onnx.ModelProto):
+    """zbox bounds in model input units from the preprocessing metadata (pixel range mapped)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "lrponnx.preprocessing" not in meta:
+        return None, None
+    pre = json.loads(meta["lrponnx.preprocessing"])
+    if pre.get("embedded"):
+        return 0.0, float(pre.get("pixel_scale", 255.0))
+    mean = np.asarray(pre.get("mean", 0.0), dtype=np.float64)
+    if mean.ndim > 1:  # a mean image: use its per-channel extremes conservatively
+        mean_lo = mean.reshape(mean.shape[0], -1).max(axis=1)
+        mean_hi = mean.reshape(mean.shape[0], -1).min(axis=1)
+    else:
+        mean_lo = mean_hi = mean
+    std = np.asarray(pre.get("std", 1.0), dtype=np.float64)
+    scale = float(pre.get("scale", 1.0))
+    top = float(pre.get("pixel_scale", 255.0))
+    low = (0.0 - mean_lo) / std * scale
+    high = (top - mean_hi) / std * scale
+    return np.atleast_1d(low).tolist(), np.atleast_1d(high).tolist()
+
+
+def _relevance_path(view: ModelView, units: list[Unit], logits: str) -> list[Unit]:
+    """Units whose output can carry relevance back from the logits (float data inputs only)."""
+    by_output = {}
+    for u in units:
+        for n in u.nodes:
+            for o in n.output:
+                by_output[o] = u
+    seen, stack, path = set(), [logits], []
+    while stack:
+        t = stack.pop()
+        u = by_output.get(t)
+        if u is None or id(u) in seen:
+            continue
+        seen.add(id(u))
+        path.append(u)
+        stack.extend(i for i in u.inputs if view.is_float(i) or view.elem_type(i) == TensorProto.UNDEFINED)
+    return path
+
+
+def _why_unsupported(u: Unit) -> str:
+    node = u.nodes[0]
+    if node.domain not in ("", "ai.onnx"):
+        return f"op from domain {node.domain!r} has no LRP rule"
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        return "Softmax inside the network (only a Softmax/LogSoftmax producing the output is removed)"
+    return f"no LRP rule for op type {node.op_type}"
+
+
+def _static_offenders(view: ModelView, units: list[Unit], logits: str) -> list[Offender]:
+    table = load_handlers()
+    return [Offender(u.name, u.op_type, _why_unsupported(u))
+            for u in _relevance_path(view, units, logits) if u.kind not in table]
+
+
+def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
+            low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
+            lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum") -> onnx.ModelProto:
+    """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
+
+    The explainer keeps the model's inputs and outputs, adds an optional int64 ``target`` input
+    (per sample; absent or -1 means the argmax) and one float32 relevance output per model input
+    (``relevance``, or ``relevance_<input>`` for several inputs).
+    """
+    if seed not in SEEDS:
+        raise InvalidModelError(f"seed must be one of {SEEDS}, got {seed!r}")
+    p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
+             lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator)
+    if p.offenders:
+        raise UnsupportedModelError(p.offenders)
+    explainer = p.model  # prepare() made our own copy: extend it in place
+    g = GraphBuilder(explainer.graph)
+    ctx = Ctx(g, p.view, {})
+    R0 = _emit_seed(g, p.view, p.logits, seed)
+    relevance, offenders = emit_relevance(ctx, p.units, p.logits, R0, layer_relevance)
+    if offenders:
+        raise UnsupportedModelError(offenders)
+    names = _emit_outputs(g, p.view, relevance)
+    _write_metadata(explainer, p, composite, seed, names)
+    try:
+        onnx.checker.check_model(explainer, full_check=True)
+    except onnx.checker.ValidationError as e:  # our bug, not the user's: say so plainly
+        raise RuntimeError(f"lrponnx built an invalid explainer (please report): {first_line(e)}") from e
+    return explainer
+
+
+def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
+    shape = view.shape(logits)
+    if shape is None or len(shape) != 2 or shape[1] is None:
+        raise UnsupportedModelError([Offender(view.producer[logits].name if logits in view.producer else logits,
+                                              "output", f"the explained output must be [batch, classes] with a "
+                                              f"static class count, got shape {shape}")])
+    if TARGET_INPUT in {i.name for i in g.graph.input} | set(view.producer):
+        raise InvalidModelError(f"the model already has a tensor named {TARGET_INPUT!r}")
+    classes = shape[1]
+    g.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["target_batch"]))
+    g.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), TARGET_INPUT))
+    argmax = g.op("ArgMax", logits, axis=1, keepdims=0, hint="argmax")
+    target = g.op("Where", g.op("Less", TARGET_INPUT, g.const(0, dtype=np.int64)), argmax, TARGET_INPUT,
+                  hint="target")
+    hits = g.op("Equal", g.op("Unsqueeze", target, g.ints([1])),
+                g.const(np.arange(classes).reshape(1, classes), hint="classes", dtype=np.int64))
+    onehot = g.op("Cast", hits, to=TensorProto.FLOAT, hint="onehot")
+    return onehot if seed == "one" else g.op("Mul", onehot, logits, hint="seed")
+
+
+def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, layer_relevance: bool = False):
+    """Walk the units from the logits to the inputs; returns ({tensor: relevance}, offenders).
+
+    A tensor read by several units receives the sum of what each hands back.
+    """
+    g, table = ctx.g, load_handlers()
+    incoming: dict[str, list[str]] = defaultdict(list)
+    incoming[logits].append(R0)
+    offenders: list[Offender] = []
+
+    def total(t: str) -> str | None:
+        parts = incoming.get(t)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            incoming[t] = [g.op("Sum", *parts, hint="r_sum")]
+        return incoming[t][0]
+
+    for u in reversed(units):
+        R = total(u.output)
+        extra = [o for n in u.nodes for o in n.output if o and o != u.output and incoming.get(o)
+                 and o not in {i for m in u.nodes for i in m.input}]
+        if R is None and not extra:
+            continue
+        h = table.get(u.kind)
+        try:
+            if extra:
+                raise Unsupported(f"relevance arrives at output(s) {extra}; only the first output is explained")
+            if h is None:
+                raise Unsupported(_why_unsupported(u))
+            handed = h.fn(ctx, u, R)
+        except Unsupported as e:
+            offenders.append(Offender(u.name, u.op_type, str(e)))
+            handed = {i: R or incoming[extra[0]][0] for i in u.inputs if ctx.view.is_float(i)}
+        if layer_relevance:
+            _expose(g, ctx.view, f"lrp_out/{u.name}", R, ctx.view.shape(u.output))
+            for i, r in handed.items():
+                _expose(g, ctx.view, f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i))
+        for t, r in handed.items():
+            incoming[t].append(r)
+    return {t: total(t) for t in ctx.view.inputs}, offenders
+
+
+def _expose(g: GraphBuilder, view: ModelView, name: str, tensor: str | None, shape) -> None:
+    if tensor is None:
+        return
+    g.identity(tensor, name)
+    g.output(name, TensorProto.FLOAT, shape if shape is not None else None)
+
+
+def _emit_outputs(g: GraphBuilder, view: ModelView, relevance: dict) -> dict:
+    names = {}
+    inputs = view.inputs
+    for x in inputs:
+        name = "relevance" if len(inputs) == 1 else f"relevance_{x}"
+        R = relevance.get(x)
+        if R is None:  # this input does not influence the explained output
+            R = g.op("ConstantOfShape", g.op("Shape", x), value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
+        g.identity(R, name)
+        shape = view.shape(x)
+        g.graph.output.append(helper.make_tensor_value_info(
+            name, TensorProto.FLOAT, [_dim(view, x, k, d) for k, d in enumerate(shape)] if shape is not None else None))
+        names[x] = name
+    return names
+
+
+def _dim(view: ModelView, x: str, k: int, d):
+    if d is not None:
+        return d
+    t = view.types[x].tensor_type.shape.dim[k]
+    return t.dim_param or None
+
+
+def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, names: dict) -> None:
+    rules = {u.name: str(u.rule) for u in p.units if u.rule is not None}
+    meta = {
+        "lrponnx.version": __version__,
+        "lrponnx.composite": composite,
+        "lrponnx.seed": seed,
+        "lrponnx.logits": p.logits,
+        "lrponnx.target_input": TARGET_INPUT,
+        "lrponnx.relevance_outputs": json.dumps(names),
+        "lrponnx.rules": json.dumps(rules),
+    }
+    existing = {m.key: m for m in model.metadata_props}
+    for k, v in meta.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))

@@ -1,0 +1,201 @@
+"""Rules and composites: which rule each unit gets.
+
+A rule is a name and its parameters. A composite (preset, as in Zennit 0.5.1) says which
+rule the first layer, other convolutions and dense layers get; activations pass, Add and
+average pools use `norm`, max pools winner-take-all, LRN the Taylor rule. Overrides by node
+name, op type or position (``#N``, the node's index in the graph) come last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import RuleError
+from .relevance import Handler, load_handlers
+from .units import Unit
+
+#: default parameters of every rule; "epsilon" is each rule's stabiliser.
+RULE_DEFAULTS: dict[str, dict] = {
+    "epsilon": {"epsilon": 1e-6},
+    "zplus": {"epsilon": 1e-6},
+    "alpha-beta": {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6},
+    "gamma": {"gamma": 0.25, "epsilon": 1e-6},
+    "zbox": {"low": None, "high": None, "epsilon": 1e-6},
+    "wsquare": {"epsilon": 1e-6},
+    "flat": {"epsilon": 1e-6},
+    "pass": {},
+    "norm": {"epsilon": 1e-6},
+    "winner-take-all": {},
+    "proportional": {"epsilon": 1e-6},
+    "taylor": {"epsilon": 1e-6, "denominator": "sum"},
+    "identity": {},
+}
+
+
+@dataclass
+class Rule:
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        shown = {k: v for k, v in self.params.items() if v is not None}
+        return self.name + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in shown.items()) if shown else "")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "/".join(_fmt(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def make_rule(name: str, **params) -> Rule:
+    if name not in RULE_DEFAULTS:
+        raise RuleError(f"unknown rule {name!r}; known rules: {', '.join(RULE_DEFAULTS)}")
+    merged = dict(RULE_DEFAULTS[name])
+    for k, v in params.items():
+        if k == "stabilizer":
+            k = "epsilon"
+        if k not in merged:
+            raise RuleError(f"rule {name!r} has no parameter {k!r} (it has: {', '.join(merged) or 'none'})")
+        merged[k] = v
+    if name == "alpha-beta":
+        a, b = float(merged["alpha"]), float(merged["beta"])
+        if a < 0 or b < 0 or abs(a - b - 1.0) > 1e-9:
+            raise RuleError(f"alpha-beta needs alpha - beta = 1 and alpha, beta >= 0 (got alpha={a:g}, beta={b:g})")
+    if name == "taylor" and merged["denominator"] not in ("sum", "output"):
+        raise RuleError(f"taylor's denominator must be 'sum' or 'output', got {merged['denominator']!r}")
+    return Rule(name, merged)
+
+
+def parse_rule(text: str) -> Rule:
+    """``RULE[:k=v,...]``, e.g. ``epsilon:epsilon=0.25`` or ``zbox:low=-1,high=1``.
+    Per-channel values use ``/``: ``low=-2.1/-2.0/-1.8``."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise RuleError(f"bad rule parameter {item!r} in {text!r}; expected key=value")
+        params[k.strip()] = _parse_value(v.strip())
+    return make_rule(name.strip(), **params)
+
+
+def _parse_value(v: str):
+    if "/" in v:
+        return [float(x) for x in v.split("/")]
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+@dataclass(frozen=True)
+class Composite:
+    first: str | None      # rule of the first linear layer(s) (None: as other layers)
+    conv: str              # other Conv / ConvTranspose
+    dense: str             # Gemm / MatMul
+    first_conv_only: bool = False
+    conv_params: tuple = ()
+
+
+COMPOSITES: dict[str, Composite] = {
+    "epsilon-plus": Composite(None, "zplus", "epsilon"),
+    "epsilon-plus-flat": Composite("flat", "zplus", "epsilon"),
+    "epsilon-alpha2-beta1": Composite(None, "alpha-beta", "epsilon", conv_params=(("alpha", 2.0), ("beta", 1.0))),
+    "epsilon-alpha2-beta1-flat": Composite("flat", "alpha-beta", "epsilon",
+                                           conv_params=(("alpha", 2.0), ("beta", 1.0))),
+    "epsilon-gamma-box": Composite("zbox", "gamma", "epsilon", first_conv_only=True),
+}
+DEFAULT_COMPOSITE = "epsilon-plus-flat"
+
+
+@dataclass
+class RuleOptions:
+    composite: str = DEFAULT_COMPOSITE
+    epsilon: float = 1e-6          # the epsilon rule's epsilon (dense layers)
+    gamma: float = 0.25
+    low: object = None             # zbox bounds in model input units
+    high: object = None
+    lrn_rule: str = "taylor"
+    lrn_epsilon: float = 1e-6
+    lrn_denominator: str = "sum"
+    overrides: list = field(default_factory=list)   # [(selector, Rule)]
+
+
+def parse_override(text: str) -> tuple[str, Rule]:
+    """``NODE_OR_OPTYPE_OR_#N=RULE[:k=v,...]``."""
+    selector, eq, rule = text.partition("=")
+    if not eq or not selector or not rule:
+        raise RuleError(f"bad --rule {text!r}; expected NODE_OR_OPTYPE=RULE[:k=v,...]")
+    return selector.strip(), parse_rule(rule.strip())
+
+
+def mark_first_layers(units: list[Unit], inputs: list[str]) -> None:
+    """A first layer is a linear layer reached from a model input through no other linear layer."""
+    producers_of = {}
+    for u in units:
+        producers_of[u.output] = u
+    reached = set(inputs)
+    for u in units:  # topological order
+        if not any(i in reached for i in u.inputs):
+            continue
+        if u.kind == "Linear":
+            u.first = True
+        else:
+            reached.add(u.output)
+
+
+def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> None:
+    if opts.composite not in COMPOSITES:
+        raise RuleError(f"unknown composite {opts.composite!r}; choose one of: {', '.join(COMPOSITES)}")
+    comp = COMPOSITES[opts.composite]
+    table = load_handlers()
+    mark_first_layers(units, inputs)
+    for u in units:
+        u.rule = _default_rule(u, comp, opts, table.get(u.kind))
+    _apply_overrides(units, opts.overrides, table)
+
+
+def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None) -> Rule | None:
+    if h is None:
+        return None
+    if u.kind == "Linear":
+        is_conv = u.info.kind in ("conv", "convtranspose")
+        if u.first and comp.first and (is_conv or not comp.first_conv_only):
+            if comp.first == "zbox":
+                return make_rule("zbox", low=opts.low, high=opts.high)
+            return make_rule(comp.first)
+        if is_conv:
+            if comp.conv == "gamma":
+                return make_rule("gamma", gamma=opts.gamma)
+            return make_rule(comp.conv, **dict(comp.conv_params))
+        return make_rule(comp.dense, epsilon=opts.epsilon) if comp.dense == "epsilon" else make_rule(comp.dense)
+    if u.kind == "LRN":
+        if opts.lrn_rule not in ("taylor", "identity"):
+            raise RuleError(f"unknown LRN rule {opts.lrn_rule!r}; choose taylor or identity")
+        if opts.lrn_rule == "taylor":
+            return make_rule("taylor", epsilon=opts.lrn_epsilon, denominator=opts.lrn_denominator)
+        return make_rule("identity")
+    return make_rule(h.rules[0])
+
+
+def _apply_overrides(units: list[Unit], overrides, table) -> None:
+    for selector, rule in overrides:
+        if selector.startswith("#"):
+            try:
+                pos = int(selector[1:])
+            except ValueError:
+                raise RuleError(f"bad position selector {selector!r}; expected #N") from None
+            hits = [u for u in units if pos in u.positions]
+        else:
+            hits = [u for u in units if u.name == selector or any(n.name == selector for n in u.nodes)]
+            if not hits:
+                hits = [u for u in units if u.op_type == selector or u.kind == selector]
+        if not hits:
+            raise RuleError(f"--rule {selector}=...: no node with that name, op type or position")
+        for u in hits:
+            h = table.get(u.kind)
+            if h is None or rule.name not in h.rules:
+                allowed = ", ".join(h.rules) if h else "none"
+                raise RuleError(f"rule {rule.name!r} does not apply to {u.name!r} ({u.op_type}); "
+                                f"allowed: {allowed}")
+            u.rule = rule

@@ -1,0 +1,29 @@
+"""Evaluating small constant expressions at convert time with ONNX Runtime.
+
+Some rules need numbers that do not depend on the input (flat/wsquare denominators, zbox
+bound terms, pooling divisors). They are computed once here, with the same kernels the
+explainer will use, and stored as initializers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+
+def run_op(op_type: str, inputs: list[np.ndarray], opset: int = 17, **attrs) -> np.ndarray:
+    """Run one float32 ONNX op on constant inputs; returns its first output."""
+    names = [f"in{i}" for i in range(len(inputs))]
+    node = helper.make_node(op_type, names, ["out"], **attrs)
+    graph = helper.make_graph(
+        [node], "const", [],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), n) for n, v in zip(names, inputs)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {})[0]

@@ -1,0 +1,137 @@
+"""Op -> relevance subgraph: one handler per unit kind, registered in one table.
+
+A handler gets the emission context, the unit and the name of the relevance tensor at the
+unit's output, and returns ``{input tensor: relevance tensor}`` for the inputs that receive
+relevance. A new op is one new function with ``@handler("OpType", rules=(...))``.
+
+Where things live:
+- linear layers (epsilon, zplus, alpha-beta, gamma, zbox, wsquare, flat): ``linear.py``
+- the LRN rule of Binder et al. (taylor, identity):                      ``lrn.py``
+- pooling (norm, winner-take-all, proportional):                          ``pooling.py``
+- Add/Sum (norm), Concat, Pad, reshapes and pass-through ops:             ``structural.py``
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..builder import GraphBuilder
+from ..units import Unit
+from ..view import ModelView
+
+
+class Unsupported(Exception):
+    """Raised by a handler when this particular node cannot be explained (why = message)."""
+
+
+@dataclass(frozen=True)
+class Handler:
+    fn: Callable[["Ctx", Unit, str], dict]
+    rules: tuple[str, ...]      # rule names the unit accepts; the first is its default
+
+
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(*kinds: str, rules: tuple[str, ...] = ("pass",)):
+    def register(fn):
+        for kind in kinds:
+            HANDLERS[kind] = Handler(fn, rules)
+        return fn
+    return register
+
+
+@dataclass
+class Ctx:
+    """What a handler may use: the graph builder, the read-only view, and small shared helpers."""
+
+    g: GraphBuilder
+    view: ModelView
+    options: dict
+
+    # -- the stabilised divide shared by every rule ----------------------------------------------
+    def stab_div(self, R: str, d: str, eps: float, hint: str = "q") -> str:
+        """``R / stab(d)`` with ``stab(d) = d + eps * sign0(d)``, ``sign0(0) = +1``.
+
+        With ``eps = 0`` a zero denominator gives zero, never NaN.
+        """
+        g = self.g
+        zero = g.const(0.0)
+        if eps > 0:
+            shift = g.op("Where", g.op("GreaterOrEqual", d, zero), g.const(float(eps)),
+                         g.const(-float(eps)), hint=f"{hint}_eps")
+            return g.op("Div", R, g.op("Add", d, shift, hint=f"{hint}_den"), hint=hint)
+        is_zero = g.op("Equal", d, zero)
+        safe = g.op("Where", is_zero, g.const(1.0), d, hint=f"{hint}_den")
+        return g.op("Where", is_zero, zero, g.op("Div", R, safe), hint=hint)
+
+    # -- signs of activations --------------------------------------------------------------------
+    def positive_part(self, x: str) -> str:
+        return self.g.op("Relu", x, hint="x_pos")
+
+    def negative_part(self, x: str) -> str:
+        g = self.g
+        return g.op("Min", x, g.const(0.0), hint="x_neg")
+
+    def nonnegative(self, name: str) -> bool:
+        return nonnegative(self.view, name)
+
+    def unbroadcast(self, r: str, target: str, r_shape: list | None) -> str:
+        """Sum ``r`` down to the shape of ``target`` (the inverse of numpy broadcasting)."""
+        t_shape = self.view.shape(target)
+        if t_shape is None or r_shape is None or list(t_shape) == list(r_shape):
+            return r
+        g = self.g
+        lead = len(r_shape) - len(t_shape)
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(t_shape)
+                                    if d == 1 and r_shape[lead + i] != 1]
+        if not axes:
+            return r
+        out = g.op("ReduceSum", r, g.ints(axes), keepdims=1, hint="unbroadcast")
+        if lead:
+            out = g.op("Reshape", out, g.op("Shape", target))
+        return out
+
+
+_NONNEG_SOURCES = {"Relu", "Sigmoid", "Softmax", "Softplus", "Abs", "Exp"}
+_NONNEG_KEEPERS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Reshape",
+                   "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "LRN",
+                   "WithinChannelLRN", "Add", "Sum", "Max", "Cast"}
+
+
+def nonnegative(view: ModelView, name: str, _memo: dict | None = None) -> bool:
+    """True when ``name`` is provably >= 0 (e.g. after a ReLU): then its x- terms vanish and
+    the rules can skip them, which is most of the speed of z+ and gamma."""
+    memo = view.__dict__.setdefault("_nonneg", {})
+    if name in memo:
+        return memo[name]
+    memo[name] = False  # guards against cycles
+    result = False
+    if view.is_const(name):
+        result = bool(np.all(view.value(name) >= 0))
+    elif name in view.producer:
+        node = view.producer[name]
+        data = [i for i in node.input if i and i in view.dynamic]
+        if node.op_type in _NONNEG_SOURCES:
+            result = True
+        elif node.op_type == "Clip":
+            lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+            result = lo is not None and view.is_const(lo) and float(view.value(lo)) >= 0
+        elif node.op_type == "Pad":
+            result = nonnegative(view, node.input[0]) and (
+                len(node.input) < 3 or not node.input[2] or float(view.value(node.input[2])) >= 0)
+        elif node.op_type in _NONNEG_KEEPERS:
+            consts_ok = all(nonnegative(view, i) for i in node.input[1:] if i and view.is_const(i)
+                            and node.op_type in ("Add", "Sum", "Max", "Concat"))
+            result = consts_ok and all(nonnegative(view, i) for i in data)
+    memo[name] = result
+    return result
+
+
+def load_handlers() -> dict[str, Handler]:
+    """Import the handler modules (they register themselves) and return the table."""
+    from . import linear, lrn, pooling, structural  # noqa: F401
+
+    return HANDLERS

@@ -1,0 +1,271 @@
+"""Rules for linear layers (Conv, ConvTranspose, Gemm, MatMul), in Zennit's skeleton.
+
+Every rule is the same few parts: modify the inputs (x+, x-, ones, bounds), modify the
+weights (W+, W-, W + gamma W+, W^2, ones: computed here once, stored as initializers), a
+stabilised divide, a vector-Jacobian product ``W^T q`` and a reduction. :class:`LinearOps`
+supplies the forward and the VJP for each layer type; the rules below never look at the op.
+
+When the input is provably non-negative (after a ReLU) the x- terms are zero and skipped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import RuleError
+from ..evaluate import run_op
+from ..units import Unit
+from . import Ctx, Unsupported, handler
+
+LINEAR_RULES = ("epsilon", "zplus", "alpha-beta", "gamma", "zbox", "wsquare", "flat")
+
+
+class LinearOps:
+    """Forward and vector-Jacobian product of one linear layer with substitute weights."""
+
+    def __init__(self, ctx: Ctx, unit: Unit):
+        self.ctx, self.g, self.unit, self.p = ctx, ctx.g, unit, unit.info
+        self._weights: dict[str, str] = {}
+        p = self.p
+        if p.kind in ("conv", "convtranspose"):
+            x_shape, z_shape = p.x_shape, p.z_shape
+            if x_shape is None or z_shape is None or any(d is None for d in x_shape[1:] + z_shape[1:]):
+                raise Unsupported("needs static channel and spatial sizes (run shape inference or fix the input shape)")
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weight(self, key: str, W: np.ndarray) -> str:
+        if key not in self._weights:
+            self._weights[key] = self.g.const(W, hint=f"{self.unit.name}/W_{key}")
+        return self._weights[key]
+
+    def _conv_attrs(self) -> dict:
+        a = self.p.attrs
+        return dict(strides=a["strides"], pads=a["pads"], dilations=a["dilations"], group=a["group"])
+
+    def _vjp_output_padding(self) -> list[int]:
+        """ConvTranspose output_padding that makes ``W^T q`` exactly the input's spatial size."""
+        p, a = self.p, self.p.attrs
+        k = p.W.shape[2:]
+        n = len(k)
+        out = []
+        for i in range(n):
+            base = (a["strides"][i] * (p.z_shape[2 + i] - 1) + (k[i] - 1) * a["dilations"][i] + 1
+                    - a["pads"][i] - a["pads"][n + i])
+            out.append(p.x_shape[2 + i] - base)
+        return out
+
+    # -- the two linear maps -----------------------------------------------------------------------
+    def forward(self, x: str, key: str, W: np.ndarray, b: np.ndarray | None) -> str:
+        """``W x + b`` for substitute weights (b None: no bias)."""
+        g, p = self.g, self.p
+        w = self.weight(key, W)
+        bias = [g.const(b, hint=f"{self.unit.name}/b_{key}")] if b is not None else []
+        if p.kind == "conv":
+            return g.op("Conv", x, w, *bias, hint=f"{self.unit.name}/z_{key}", **self._conv_attrs())
+        if p.kind == "convtranspose":
+            return g.op("ConvTranspose", x, w, *bias, hint=f"{self.unit.name}/z_{key}",
+                        output_padding=p.attrs["output_padding"], **self._conv_attrs())
+        if p.kind == "gemm":
+            return g.op("Gemm", x, w, *bias, transB=1, hint=f"{self.unit.name}/z_{key}")
+        z = g.op("MatMul", x, w, hint=f"{self.unit.name}/z_{key}")
+        return g.op("Add", z, g.const(b, hint=f"{self.unit.name}/b_{key}")) if b is not None else z
+
+    def vjp(self, q: str, key: str, W: np.ndarray) -> str:
+        """``W^T q``: the gradient of ``W x`` with respect to x, shaped like x."""
+        g, p = self.g, self.p
+        hint = f"{self.unit.name}/vjp_{key}"
+        if p.kind == "conv":
+            return g.op("ConvTranspose", q, self.weight(key, W), hint=hint,
+                        output_padding=self._vjp_output_padding(), **self._conv_attrs())
+        if p.kind == "convtranspose":
+            return g.op("Conv", q, self.weight(key, W), hint=hint, **self._conv_attrs())
+        if p.kind == "gemm":
+            return g.op("MatMul", q, self.weight(key, W), hint=hint)
+        return g.op("MatMul", q, self.weight(f"{key}_T", np.ascontiguousarray(W.T)), hint=hint)
+
+    def constant_forward(self, x_value: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        """``W x + b`` for a constant input (one sample), computed now with ONNX Runtime."""
+        p = self.p
+        ins = [x_value, W] + ([b] if b is not None else [])
+        if p.kind == "conv":
+            return run_op("Conv", ins, **self._conv_attrs())
+        if p.kind == "convtranspose":
+            return run_op("ConvTranspose", ins, output_padding=p.attrs["output_padding"], **self._conv_attrs())
+        if p.kind == "gemm":
+            return run_op("Gemm", ins, transB=1)
+        z = x_value @ W
+        return z + b if b is not None else z
+
+    def sample_shape(self) -> list[int]:
+        """The input's shape for one sample (batch 1), which must be static past the batch dim."""
+        shape = self.p.x_shape
+        if shape is None or any(d is None for d in shape[1:]):
+            raise Unsupported("this rule needs a static input shape past the batch dimension")
+        return [1] + list(shape[1:])
+
+
+def _pos(a):
+    return np.maximum(a, 0)
+
+
+def _neg(a):
+    return np.minimum(a, 0)
+
+
+# -- the rules ----------------------------------------------------------------------------------
+
+def epsilon(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
+    q = ctx.stab_div(R, z, epsilon)
+    return ctx.g.op("Mul", x, ops.vjp(q, "w", ops.p.W), hint="r_eps")
+
+
+def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 2.0, beta: float = 1.0,
+               epsilon: float = 1e-6) -> str:
+    if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
+        raise RuleError(f"alpha-beta needs alpha - beta = 1 and alpha, beta >= 0 (got alpha={alpha}, beta={beta})")
+    g, W, b = ctx.g, ops.p.W, ops.p.b
+    Wp, Wn = _pos(W), _neg(W)
+    if ctx.nonnegative(x):
+        xp, xn = x, None
+    else:
+        xp, xn = ctx.positive_part(x), ctx.negative_part(x)
+
+    def part(Wa, Wb, bias, key_a, key_b):
+        """``x+ (Wa^T q) + x- (Wb^T q)`` with ``q = R / stab(Wa x+ + bias + Wb x-)``."""
+        d = ops.forward(xp, key_a, Wa, bias)
+        if xn is not None:
+            d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
+        q = ctx.stab_div(R, d, epsilon)
+        r = g.op("Mul", xp, ops.vjp(q, key_a, Wa))
+        if xn is not None:
+            r = g.op("Add", r, g.op("Mul", xn, ops.vjp(q, key_b, Wb)))
+        return r
+
+    r = part(Wp, Wn, _pos(b), "pos", "neg")
+    if alpha != 1.0:
+        r = g.op("Mul", r, g.const(float(alpha)))
+    if beta != 0.0:
+        r = g.op("Sub", r, g.op("Mul", part(Wn, Wp, _neg(b), "neg", "pos"), g.const(float(beta))), hint="r_ab")
+    return r
+
+
+def zplus(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
+    return alpha_beta(ctx, ops, x, z, R, alpha=1.0, beta=0.0, epsilon=epsilon)
+
+
+def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25, epsilon: float = 1e-6) -> str:
+    g, W, b = ctx.g, ops.p.W, ops.p.b
+    Gp, Gn = W + gamma * _pos(W), W + gamma * _neg(W)
+    cp, cn = b + gamma * _pos(b), b + gamma * _neg(b)
+    zero = g.const(0.0)
+    if ctx.nonnegative(x):
+        p = ops.forward(x, "gpos", Gp, cp)
+        n = ops.forward(x, "gneg", Gn, cn)
+    else:
+        xp, xn = ctx.positive_part(x), ctx.negative_part(x)
+        p = g.op("Add", ops.forward(xp, "gpos", Gp, cp), ops.forward(xn, "gneg", Gn, None))
+        n = g.op("Add", ops.forward(xp, "gneg", Gn, cn), ops.forward(xn, "gpos", Gp, None))
+    mask_p = g.op("Cast", g.op("Greater", z, zero), to=1)
+    mask_n = g.op("Cast", g.op("Less", z, zero), to=1)
+    qp = ctx.stab_div(g.op("Mul", R, mask_p), p, epsilon, hint="q_pos")
+    qn = ctx.stab_div(g.op("Mul", R, mask_n), n, epsilon, hint="q_neg")
+    if ctx.nonnegative(x):
+        return g.op("Mul", x, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)), hint="r_gamma")
+    rp = g.op("Mul", xp, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)))
+    rn = g.op("Mul", xn, g.op("Add", ops.vjp(qp, "gneg", Gn), ops.vjp(qn, "gpos", Gp)))
+    return g.op("Add", rp, rn, hint="r_gamma")
+
+
+def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low=None, high=None, epsilon: float = 1e-6) -> str:
+    g, W, b = ctx.g, ops.p.W, ops.p.b
+    shape = ops.sample_shape()
+    lo, hi = zbox_bounds(ctx, ops.unit, x, low, high, shape)
+    Wp, Wn = _pos(W), _neg(W)
+    # d = W x - W+ l - W- h; the bias cancels. W x = z - b; the bound terms are constants.
+    bounds = ops.constant_forward(lo, Wp, None) + ops.constant_forward(hi, Wn, None)
+    b_full = b.reshape((1, -1) + (1,) * (bounds.ndim - 2)) if ops.p.kind in ("conv", "convtranspose") else b
+    d = g.op("Sub", z, g.const(bounds + b_full, hint=f"{ops.unit.name}/zbox_shift"), hint="zbox_d")
+    q = ctx.stab_div(R, d, epsilon)
+    r = g.op("Mul", x, ops.vjp(q, "w", W))
+    r = g.op("Sub", r, g.op("Mul", g.const(lo, hint="zbox_low"), ops.vjp(q, "pos", Wp)))
+    return g.op("Sub", r, g.op("Mul", g.const(hi, hint="zbox_high"), ops.vjp(q, "neg", Wn)), hint="r_zbox")
+
+
+def wsquare(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
+    W2, b2 = ops.p.W ** 2, ops.p.b ** 2
+    den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), W2, b2)
+    q = ctx.stab_div(R, ctx.g.const(den, hint=f"{ops.unit.name}/wsquare_den"), epsilon)
+    return ops.vjp(q, "sq", W2)
+
+
+def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
+    ones = np.ones_like(ops.p.W)
+    # 1^T (R / stab(1 . 1)): padding is zero in the ones input, so it does not count.
+    den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
+    q = ctx.stab_div(R, ctx.g.const(den, hint=f"{ops.unit.name}/flat_den"), epsilon)
+    return ops.vjp(q, "ones", ones)
+
+
+RULE_FUNCTIONS = {"epsilon": epsilon, "zplus": zplus, "alpha-beta": alpha_beta, "gamma": gamma,
+                  "zbox": zbox, "wsquare": wsquare, "flat": flat}
+
+
+def zbox_bounds(ctx: Ctx, unit: Unit, x: str, low, high, shape: list[int]):
+    """Bounds as full [1, C, ...] arrays in the units of ``x``.
+
+    ``low``/``high`` are given in the model's input units (scalar or per channel) and mapped
+    through the constant affine ops (Sub/Add/Mul/Div by constants) between the input and ``x``.
+    """
+    if low is None or high is None:
+        raise RuleError(f"zbox on {unit.name!r} needs bounds: pass --low and --high "
+                        "(or convert a model whose preprocessing metadata gives the pixel range)")
+    C = shape[1]
+
+    def as_array(v):
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+        if a.size == 1:
+            return np.full([1] + shape[1:], float(a[0]))
+        if a.size != C:
+            raise RuleError(f"zbox bounds must be a scalar or one value per channel ({C}), got {a.size}")
+        return np.broadcast_to(a.reshape([1, C] + [1] * (len(shape) - 2)), shape).copy()
+
+    lo, hi = as_array(low), as_array(high)
+    for node in reversed(_affine_chain(ctx.view, x)):
+        other = node.input[1] if node.input[0] in ctx.view.dynamic else node.input[0]
+        c = ctx.view.value(other).astype(np.float64)
+        act_first = node.input[0] in ctx.view.dynamic
+        f = {"Sub": (lambda v: v - c) if act_first else (lambda v: c - v), "Add": lambda v: v + c,
+             "Mul": lambda v: v * c, "Div": lambda v: v / c}[node.op_type]
+        lo, hi = f(lo), f(hi)
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _affine_chain(view, x: str) -> list:
+    """The Sub/Add/Mul/Div-by-constant nodes from a model input to ``x``, nearest to x first."""
+    chain = []
+    while x in view.producer:
+        node = view.producer[x]
+        dyn = [i for i in node.input if i in view.dynamic]
+        if node.op_type not in ("Sub", "Add", "Mul", "Div") or len(dyn) != 1:
+            break
+        if node.op_type == "Div" and node.input[0] not in view.dynamic:
+            break
+        chain.append(node)
+        x = dyn[0]
+    return chain
+
+
+@handler("Linear", rules=LINEAR_RULES)
+def linear_layer(ctx: Ctx, unit: Unit, R: str) -> dict:
+    ops = LinearOps(ctx, unit)
+    x = unit.inputs[0]
+    rule = unit.rule
+    fn = RULE_FUNCTIONS[rule.name]
+    return {x: fn(ctx, ops, x, unit.output, R, **rule.params)}
+
+
+@handler("Conv", "ConvTranspose", "Gemm", "MatMul", rules=("epsilon",))
+def linear_not_constant(ctx: Ctx, unit: Unit, R: str) -> dict:
+    # Reached only when units.py could not read constant weights.
+    raise Unsupported("its weight or bias is computed at run time (or transA=1 / output_shape is set); "
+                      "LRP needs constant weights")

@@ -1,0 +1,112 @@
+"""Pooling: average pools as the linear map they are (`norm`), max pools by winner-take-all
+(the gradient) or proportionally to the window sum."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..evaluate import run_op
+from ..units import Unit
+from . import Ctx, Unsupported, handler
+
+
+def _window(ctx: Ctx, unit: Unit) -> dict:
+    """Kernel, strides, dilations and the explicit pads of a pooling node, with ceil_mode's
+    overhang turned into extra end padding so an ordinary (floor) conv sees the same windows."""
+    x, y = unit.inputs[0], unit.output
+    xs, ys = ctx.view.shape(x), ctx.view.shape(y)
+    if xs is None or ys is None or any(d is None for d in xs[1:] + ys[1:]):
+        raise Unsupported("needs static channel and spatial sizes")
+    a = unit.info
+    n = len(xs) - 2
+    if unit.op_type.startswith("Global"):
+        k, s, d, pads = list(xs[2:]), [1] * n, [1] * n, [0] * (2 * n)
+    else:
+        auto_pad = a.get("auto_pad", b"NOTSET")
+        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
+            raise Unsupported("auto_pad SAME_* pooling is not supported; export with explicit pads")
+        k = list(a["kernel_shape"])
+        s = list(a.get("strides", [1] * n))
+        d = list(a.get("dilations", [1] * n))
+        pads = list(a.get("pads", [0] * (2 * n)))
+    for i in range(n):
+        need = (ys[2 + i] - 1) * s[i] + (k[i] - 1) * d[i] + 1
+        have = xs[2 + i] + pads[i] + pads[n + i]
+        if need > have:
+            pads[n + i] += need - have
+    out_pad = []
+    for i in range(n):
+        base = s[i] * (ys[2 + i] - 1) + (k[i] - 1) * d[i] + 1 - pads[i] - pads[n + i]
+        out_pad.append(xs[2 + i] - base)
+    return dict(kernel=k, strides=s, dilations=d, pads=pads, output_padding=out_pad, C=xs[1], x_shape=xs,
+                y_shape=ys)
+
+
+def _window_sum_T(ctx: Ctx, w: dict, q: str) -> str:
+    """``P^T q`` for P the window-sum map (depthwise ones kernel)."""
+    ones = np.ones([w["C"], 1] + w["kernel"], np.float32)
+    return ctx.g.op("ConvTranspose", q, ctx.g.const(ones, hint="pool_ones"), group=w["C"],
+                    strides=w["strides"], pads=w["pads"], dilations=w["dilations"],
+                    output_padding=w["output_padding"], hint="pool_vjp")
+
+
+def _window_sum(ctx: Ctx, w: dict, x: str) -> str:
+    ones = np.ones([w["C"], 1] + w["kernel"], np.float32)
+    return ctx.g.op("Conv", x, ctx.g.const(ones, hint="pool_ones"), group=w["C"], strides=w["strides"],
+                    pads=w["pads"], dilations=w["dilations"], hint="pool_sum")
+
+
+@handler("AveragePool", "GlobalAveragePool", rules=("norm", "pass"))
+def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
+    x, y = unit.inputs[0], unit.output
+    if unit.rule.name == "pass":
+        raise Unsupported("pass is not a valid rule for pooling (shapes differ)")
+    w = _window(ctx, unit)
+    eps = unit.rule.params.get("epsilon", 1e-6)
+    # P x = window_sum(x) / divisor. The divisor per output position follows the op's own
+    # padding / count_include_pad / ceil semantics: measure it on a ones image.
+    n = len(w["kernel"])
+    ones = np.ones([1, 1] + w["x_shape"][2:], np.float32)
+    counted = run_op("Conv", [ones, np.ones([1, 1] + w["kernel"], np.float32)], strides=w["strides"],
+                     pads=w["pads"], dilations=w["dilations"])
+    if unit.op_type == "GlobalAveragePool":
+        averaged = np.ones_like(counted)
+    else:
+        node_attrs = {k: v for k, v in unit.info.items()}
+        averaged = run_op("AveragePool", [ones], **node_attrs)
+    divisor = counted / averaged
+    q = ctx.stab_div(R, y, eps)
+    q = ctx.g.op("Div", q, ctx.g.const(divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_div"))
+    del n
+    return {x: ctx.g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")}
+
+
+@handler("MaxPool", "GlobalMaxPool", rules=("winner-take-all", "proportional"))
+def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
+    x, y = unit.inputs[0], unit.output
+    g = ctx.g
+    if unit.rule.name == "proportional":
+        w = _window(ctx, unit)
+        q = ctx.stab_div(R, _window_sum(ctx, w, x), unit.rule.params.get("epsilon", 1e-6))
+        return {x: g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_maxpool")}
+    # Winner-take-all = the gradient of max pooling: each output's relevance goes to the
+    # input position its max came from; overlapping windows add up (ScatterElements 'add').
+    if unit.op_type == "GlobalMaxPool":
+        xs = ctx.view.shape(x)
+        if xs is None or any(d is None for d in xs[2:]):
+            raise Unsupported("needs static spatial sizes")
+        attrs = dict(kernel_shape=list(xs[2:]))
+    else:
+        attrs = {k: v for k, v in unit.info.items() if k != "storage_order"}
+    _, indices = g.op("MaxPool", x, outputs=2, hint="argmax", **attrs)
+    flat_idx = g.op("Reshape", indices, g.ints([-1]))
+    flat_r = g.op("Reshape", R, g.ints([-1]))
+    zeros = g.op("ConstantOfShape", g.op("Shape", g.op("Reshape", x, g.ints([-1]))),
+                 value=_float_tensor(0.0))
+    scattered = g.op("ScatterElements", zeros, flat_idx, flat_r, axis=0, reduction="add")
+    return {x: g.op("Reshape", scattered, g.op("Shape", x), hint="r_maxpool")}
+
+
+def _float_tensor(v: float):
+    from onnx import helper, TensorProto
+
+    return helper.make_tensor("value", TensorProto.FLOAT, [1], [v])
