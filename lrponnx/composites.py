@@ -175,6 +175,8 @@ def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None
         if opts.lrn_rule == "taylor":
             return make_rule("taylor", epsilon=opts.lrn_epsilon, denominator=opts.lrn_denominator)
         return make_rule("identity")
+    if u.kind in ("Add", "Sub", "Mul", "Div", "Sum") and len(u.inputs) == 1:
+        return make_rule("pass")  # an activation shifted or scaled by a constant
     return make_rule(h.rules[0])
 
 

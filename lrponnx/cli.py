@@ -1,0 +1,175 @@
+"""The ``lrponnx`` command line. User mistakes print one clear message and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import LrpOnnxError
+
+
+def _floats(text: str):
+    values = [float(v) for v in text.split(",") if v.strip()]
+    return values[0] if len(values) == 1 else values
+
+
+def add_rule_flags(p: argparse.ArgumentParser) -> None:
+    from .composites import COMPOSITES, DEFAULT_COMPOSITE
+
+    p.add_argument("--composite", default=DEFAULT_COMPOSITE, choices=sorted(COMPOSITES),
+                   help=f"rule preset (default {DEFAULT_COMPOSITE})")
+    p.add_argument("--epsilon", type=float, default=1e-6, help="epsilon of the epsilon rule (dense layers)")
+    p.add_argument("--gamma", type=float, default=0.25, help="gamma of the gamma rule")
+    p.add_argument("--low", type=_floats, default=None, help="zbox lower bound(s), scalar or per channel, "
+                   "in the model's input units")
+    p.add_argument("--high", type=_floats, default=None, help="zbox upper bound(s)")
+    p.add_argument("--rule", action="append", default=[], metavar="NODE_OR_OPTYPE=RULE[:k=v,...]",
+                   help="override a rule by node name, op type or position (#N); repeatable")
+    p.add_argument("--lrn-rule", default="taylor", choices=["taylor", "identity"],
+                   help="rule for LRN layers (default taylor, Binder et al. 2016)")
+    p.add_argument("--lrn-epsilon", type=float, default=1e-6, help="stabiliser of the LRN taylor rule")
+    p.add_argument("--lrn-denominator", default="sum", choices=["sum", "output"],
+                   help="divide by the sum of the Taylor terms (conservative) or by the LRN output")
+    p.add_argument("--seed", default="logit", choices=["logit", "one"],
+                   help="start relevance: the target logit (default) or 1 (Zennit's usual choice)")
+
+
+def rule_kwargs(args) -> dict:
+    return dict(composite=args.composite, epsilon=args.epsilon, gamma=args.gamma, low=args.low, high=args.high,
+                rules=args.rule, lrn_rule=args.lrn_rule, lrn_epsilon=args.lrn_epsilon,
+                lrn_denominator=args.lrn_denominator, seed=args.seed)
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    from .compiler import convert
+    from .files import save_model
+
+    explainer = convert(args.model, layer_relevance=args.layer_relevance, **rule_kwargs(args))
+    save_model(explainer, args.output, external_data=True if args.external_data else None)
+    print(f"wrote {args.output} ({args.composite}, LRN {args.lrn_rule})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .compiler import plan
+
+    kw = rule_kwargs(args)
+    kw.pop("seed")
+    p = plan(args.model, **kw)
+    on_path = {id(u) for u in _path(p)}
+    rows = [("#", "node", "op", "rule", "notes")]
+    for u in p.units:
+        if id(u) not in on_path:
+            continue
+        rule = str(u.rule) if u.rule is not None else "-"
+        notes = "; ".join(([("first layer")] if u.first else []) + u.notes)
+        rows.append((str(u.index), u.name, u.op_type, rule, notes))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))
+    print(f"\nexplained output: {p.logits}")
+    if p.offenders:
+        print(f"\n{len(p.offenders)} node(s) cannot be explained:")
+        for o in p.offenders:
+            print(o)
+    else:
+        print("every node on the relevance path has a rule")
+    return 0
+
+
+def _path(p):
+    from .compiler import _relevance_path
+
+    return _relevance_path(p.view, p.units, p.logits)
+
+
+def cmd_explain(args) -> int:
+    from .explain_cli import run_explain
+
+    return run_explain(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrponnx", description="Compile ONNX networks into LRP explainers.")
+    parser.add_argument("--version", action="version", version=f"lrponnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="compile a model into an explainer ONNX model")
+    p.add_argument("model", help="the ONNX model")
+    p.add_argument("-o", "--output", required=True, help="where to write the explainer")
+    p.add_argument("--layer-relevance", action="store_true",
+                   help="also output the relevance at every explained node (debugging, conservation checks)")
+    p.add_argument("--external-data", action="store_true", help="store weights in a side file")
+    add_rule_flags(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="show every node, its rule, and what cannot be explained")
+    p.add_argument("model")
+    add_rule_flags(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("explain", help="explain images or .npy arrays and write heatmaps")
+    p.add_argument("model", help="an explainer, or a plain model (compiled on the fly)")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, or .npy arrays")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: the prediction)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--provider", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--cmap", default="coldnhot")
+    p.add_argument("--save-raw", action="store_true", help="also save the relevance as .npy")
+    p.add_argument("--mean", type=_floats, default=None, help="preprocessing: mean (overrides metadata)")
+    p.add_argument("--std", type=_floats, default=None, help="preprocessing: std (overrides metadata)")
+    p.add_argument("--channel-order", choices=["rgb", "bgr"], default=None)
+    p.add_argument("--pixel-scale", type=float, default=None, help="preprocessing: image in [0,1] times this")
+    p.add_argument("--size", default=None, help="preprocessing: HxW, e.g. 224,224")
+    add_rule_flags(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="explain bundled sample photos with the bundled model")
+    p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
+    p.set_defaults(func=cmd_demo)
+
+    for register in _plugins():
+        register(sub)
+    return parser
+
+
+def _plugins():
+    """Subcommands that live with their own modules (Caffe converter, model zoo, evaluation)."""
+    found = []
+    for module in ("lrponnx.converters.caffe.cli", "lrponnx.model_zoo.cli", "lrponnx.evaluate_cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        found.append(mod.register)
+    return found
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LrpOnnxError as e:
+        print(f"lrponnx: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"lrponnx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrponnx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

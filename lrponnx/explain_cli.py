@@ -1,0 +1,88 @@
+"""``lrponnx explain``: explain image files, folders or .npy arrays and write heatmaps."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import LrpOnnxError
+
+
+def _providers(name: str | None):
+    if name is None:
+        return None
+    if name == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LrpOnnxError("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def preprocessing_for(model, args):
+    """The model's stored preprocessing, overridden by any flag the user gave."""
+    from .preprocess import Preprocessing
+
+    base = Preprocessing.from_model(model)
+    flags = dict(mean=args.mean, std=args.std, channel_order=args.channel_order,
+                 pixel_scale=args.pixel_scale, size=args.size)
+    if base is not None and all(v is None for v in flags.values()):
+        return base
+    if base is None and all(v is None for v in flags.values()):
+        return None
+    return Preprocessing.from_flags(base=base, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def run_explain(args) -> int:
+    from .cli import rule_kwargs
+    from .load import read_model
+    from .preprocess import iter_inputs
+    from .render import overview, render, save_png
+    from .runtime import Explainer, is_explainer
+
+    model = read_model(args.model)
+    options = {} if is_explainer(model) else rule_kwargs(args)
+    explainer = Explainer(model, providers=_providers(args.provider), **options)
+    pre = preprocessing_for(model, args)
+    items = list(iter_inputs(args.inputs, pre))
+    if not items:
+        raise LrpOnnxError("no inputs found (give image files, folders of images, or .npy arrays)")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = explainer.classes
+    rows, summary = [], []
+    batch = max(1, int(args.batch_size))
+    with tqdm(total=len(items), desc="explaining", unit="input", disable=len(items) <= 4) as bar:
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            x = np.stack([it.tensor for it in chunk]).astype(np.float32)
+            result = explainer.explain(x, target=args.target)
+            logits = result.outputs[explainer.model_outputs[0]].reshape(len(chunk), -1)
+            for k, it in enumerate(chunk):
+                stem = _safe_name(Path(it.name).stem + (f"_{it.index}" if it.index is not None else ""))
+                rel = result.relevance[k]
+                t = int(result.target[k])
+                label = classes[t] if classes and 0 <= t < len(classes) else str(t)
+                save_png(render(rel, args.cmap), out_dir / f"{stem}_heatmap.png")
+                if args.save_raw:
+                    np.save(out_dir / f"{stem}_relevance.npy", rel)
+                pred = int(np.argmax(logits[k]))
+                summary.append({"input": str(it.source), "prediction": pred, "target": t,
+                                "relevance_sum": float(rel.sum())})
+                print(f"{it.name}: predicted {classes[pred] if classes else pred}, explained {label}")
+                if it.display is not None:
+                    rows.append((f"{it.name}: {label}", it.display, rel))
+            bar.update(len(chunk))
+    if rows:
+        save_png(overview(rows[:64], cmap=args.cmap), out_dir / "overview.png")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {len(items)} heatmap(s) to {out_dir}")
+    return 0
