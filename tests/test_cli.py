@@ -1,0 +1,91 @@
+"""The command line: exit codes, one-line errors, no half-written files."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrponnx.cli import main
+
+
+def _mlp(path, unknown_ops: int = 0):
+    rng = np.random.default_rng(0)
+    W1 = numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "W1")
+    W2 = numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "W2")
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu")]
+    last = "a"
+    domain_imports = []
+    for k in range(unknown_ops):
+        nodes.append(helper.make_node("Mystery", [last], [f"m{k}"], name=f"mystery{k}", domain="com.example"))
+        last = f"m{k}"
+        domain_imports = [helper.make_opsetid("com.example", 1)]
+    nodes.append(helper.make_node("MatMul", [last, "W2"], ["y"], name="fc2"))
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [W1, W2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)] + domain_imports)
+    if unknown_ops:
+        m.graph.value_info.extend(helper.make_tensor_value_info(f"m{k}", TensorProto.FLOAT, ["N", 6])
+                                  for k in range(unknown_ops))
+    onnx.save(m, path)
+    return path
+
+
+def test_convert_writes_a_runnable_explainer(tmp_path, capsys):
+    src = _mlp(tmp_path / "mlp.onnx")
+    out = tmp_path / "ex.onnx"
+    assert main(["convert", str(src), "-o", str(out), "--composite", "epsilon-plus"]) == 0
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    y, r = sess.run(["y", "relevance"], {"x": x})
+    assert r.shape == x.shape and np.isfinite(r).all()
+
+
+def test_inspect_lists_rules_and_offenders(tmp_path, capsys):
+    src = _mlp(tmp_path / "bad.onnx", unknown_ops=2)
+    assert main(["inspect", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "fc1" in text and "flat" in text and "fc2" in text
+    assert "mystery0" in text and "mystery1" in text and "cannot be explained" in text
+
+
+def test_convert_refuses_every_unsupported_node_and_writes_nothing(tmp_path, capsys):
+    src = _mlp(tmp_path / "bad.onnx", unknown_ops=2)
+    out = tmp_path / "ex.onnx"
+    assert main(["convert", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mystery0" in err and "mystery1" in err and "Mystery" in err
+    assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage-not-onnx" * 3, None])
+def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys, content):
+    src = tmp_path / "model.onnx"
+    if content is None:  # truncated real model
+        good = _mlp(tmp_path / "good.onnx").read_bytes()
+        src.write_bytes(good[: len(good) // 2])
+    else:
+        src.write_bytes(content)
+    out = tmp_path / "ex.onnx"
+    assert main(["convert", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lrponnx: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_file_and_bad_rule(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
+    src = _mlp(tmp_path / "mlp.onnx")
+    assert main(["convert", str(src), "-o", str(tmp_path / "o.onnx"), "--rule", "fc1=nonsense"]) == 2
+    assert "unknown rule" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_console_script_runs():
+    res = subprocess.run([sys.executable, "-m", "lrponnx.cli", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and "lrponnx" in res.stdout
