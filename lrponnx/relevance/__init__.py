@@ -52,13 +52,16 @@ class Ctx:
     options: dict
 
     # -- the stabilised divide shared by every rule ----------------------------------------------
-    def stab_div(self, R: str, d: str, eps: float, hint: str = "q") -> str:
+    def stab_div(self, R: str, d: str, eps: float, hint: str = "q", nonnegative: bool = False) -> str:
         """``R / stab(d)`` with ``stab(d) = d + eps * sign0(d)``, ``sign0(0) = +1``.
 
-        With ``eps = 0`` a zero denominator gives zero, never NaN.
+        With ``eps = 0`` a zero denominator gives zero, never NaN. ``nonnegative``: the caller
+        knows ``d >= 0`` (e.g. W+ x+ + b+), so ``stab(d) = d + eps`` needs no sign test.
         """
         g = self.g
         zero = g.const(0.0)
+        if eps > 0 and nonnegative:
+            return g.op("Div", R, g.op("Add", d, g.const(float(eps)), hint=f"{hint}_den"), hint=hint)
         if eps > 0:
             shift = g.op("Where", g.op("GreaterOrEqual", d, zero), g.const(float(eps)),
                          g.const(-float(eps)), hint=f"{hint}_eps")
@@ -68,6 +71,13 @@ class Ctx:
         return g.op("Where", is_zero, zero, g.op("Div", R, safe), hint=hint)
 
     # -- signs of activations --------------------------------------------------------------------
+    def stab_div_const(self, R: str, d: np.ndarray, eps: float, hint: str = "q") -> str:
+        """``R / stab(d)`` for a denominator known at convert time: one Mul by its inverse."""
+        d = np.asarray(d, dtype=np.float64)
+        den = d + eps * np.where(d >= 0, 1.0, -1.0)
+        inv = np.divide(1.0, den, out=np.zeros_like(den), where=den != 0)
+        return self.g.op("Mul", R, self.g.const(inv, hint=f"{hint}_inv"), hint=hint)
+
     def positive_part(self, x: str) -> str:
         return self.g.op("Relu", x, hint="x_pos")
 

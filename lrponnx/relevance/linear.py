@@ -9,6 +9,8 @@ When the input is provably non-negative (after a ReLU) the x- terms are zero and
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import RuleError
@@ -74,6 +76,14 @@ class LinearOps:
         g, p = self.g, self.p
         hint = f"{self.unit.name}/vjp_{key}"
         if p.kind == "conv":
+            if self._vjp_as_conv():
+                # Stride 1: the backward pass is a plain Conv with in/out swapped per group, the
+                # kernel flipped and padding d(k-1)-p, which ORT runs faster than ConvTranspose.
+                a = self.p.attrs
+                n = W.ndim - 2
+                pads = [a["dilations"][i % n] * (W.shape[2 + i % n] - 1) - a["pads"][i] for i in range(2 * n)]
+                return g.op("Conv", q, self.weight(f"{key}_flipped", flipped_transpose(W, a["group"])), hint=hint,
+                            pads=pads, dilations=a["dilations"], group=a["group"])
             return g.op("ConvTranspose", q, self.weight(key, W), hint=hint,
                         output_padding=self._vjp_output_padding(), **self._conv_attrs())
         if p.kind == "convtranspose":
@@ -81,6 +91,13 @@ class LinearOps:
         if p.kind == "gemm":
             return g.op("MatMul", q, self.weight(key, W), hint=hint)
         return g.op("MatMul", q, self.weight(f"{key}_T", np.ascontiguousarray(W.T)), hint=hint)
+
+    def _vjp_as_conv(self) -> bool:
+        a, W = self.p.attrs, self.p.W
+        n = W.ndim - 2
+        if any(st != 1 for st in a["strides"]):
+            return False
+        return all(a["dilations"][i % n] * (W.shape[2 + i % n] - 1) - a["pads"][i] >= 0 for i in range(2 * n))
 
     def constant_forward(self, x_value: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """``W x + b`` for a constant input (one sample), computed now with ONNX Runtime."""
@@ -101,6 +118,16 @@ class LinearOps:
         if shape is None or any(d is None for d in shape[1:]):
             raise Unsupported("this rule needs a static input shape past the batch dimension")
         return [1] + list(shape[1:])
+
+
+def flipped_transpose(W: np.ndarray, group: int) -> np.ndarray:
+    """Conv weight [M, C/g, *k] -> the weight of its transposed conv as a Conv: [C, M/g, *k],
+    in/out swapped within each group and the kernel flipped in every spatial axis."""
+    M, Cg = W.shape[:2]
+    k = W.shape[2:]
+    Wg = W.reshape((group, M // group, Cg) + k).swapaxes(1, 2)  # [g, C/g, M/g, *k]
+    Wg = np.flip(Wg, axis=tuple(range(3, 3 + len(k))))
+    return np.ascontiguousarray(Wg.reshape((group * Cg, M // group) + k))
 
 
 def _pos(a):
@@ -134,7 +161,8 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
         d = ops.forward(xp, key_a, Wa, bias)
         if xn is not None:
             d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
-        q = ctx.stab_div(R, d, epsilon)
+        # After a ReLU (no x-), the positive part W+ x + b+ cannot be negative.
+        q = ctx.stab_div(R, d, epsilon, nonnegative=xn is None and key_a == "pos")
         r = g.op("Mul", xp, ops.vjp(q, key_a, Wa))
         if xn is not None:
             r = g.op("Add", r, g.op("Mul", xn, ops.vjp(q, key_b, Wb)))
@@ -193,15 +221,25 @@ def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low=None, high=None, 
 def wsquare(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     W2, b2 = ops.p.W ** 2, ops.p.b ** 2
     den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), W2, b2)
-    q = ctx.stab_div(R, ctx.g.const(den, hint=f"{ops.unit.name}/wsquare_den"), epsilon)
-    return ops.vjp(q, "sq", W2)
+    return ops.vjp(ctx.stab_div_const(R, den, epsilon), "sq", W2)
 
 
 def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     ones = np.ones_like(ops.p.W)
     # 1^T (R / stab(1 . 1)): padding is zero in the ones input, so it does not count.
     den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
-    q = ctx.stab_div(R, ctx.g.const(den, hint=f"{ops.unit.name}/flat_den"), epsilon)
+    q = ctx.stab_div_const(R, den, epsilon)
+    if ops.p.kind == "conv" and ops.p.attrs["group"] == 1:
+        # With all-ones weights every input channel gets the same value: sum q over the output
+        # channels first, then spread one channel through a ones kernel and broadcast it.
+        g = ctx.g
+        q1 = g.op("ReduceSum", q, g.ints([1]), keepdims=1, hint="flat_qsum")
+        ops1 = LinearOps.__new__(LinearOps)
+        ops1.__dict__.update(ops.__dict__, _weights={})
+        ops1.p = dataclasses.replace(ops.p, W=np.ones((1, 1) + ops.p.W.shape[2:]),
+                                     x_shape=[ops.p.x_shape[0], 1] + list(ops.p.x_shape[2:]))
+        spread = ops1.vjp(q1, "ones1", ops1.p.W)
+        return g.op("Expand", spread, g.op("Shape", x), hint="r_flat")
     return ops.vjp(q, "ones", ones)
 
 
