@@ -17,6 +17,8 @@ from .errors import InvalidModelError
 #: The lowest default-domain opset the compiler emits. Older models are upgraded to it first
 #: (many Caffe-era files are opset 7-9); newer ones are kept as they are.
 MIN_OPSET = 17
+#: Models with ceil_mode pooling are upgraded to this opset, whose shape inference is right.
+CEIL_POOL_OPSET = 22
 
 
 def read_model(src) -> onnx.ModelProto:
@@ -60,11 +62,16 @@ def prepare(src) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, ValueError) as e:
         raise InvalidModelError(f"the model fails onnx's checker: {first_line(e)}") from None
     opset = default_opset(model)
-    if opset < MIN_OPSET:
+    wanted = max(opset, MIN_OPSET)
+    if wanted < CEIL_POOL_OPSET and _has_ceil_pooling(model):
+        # onnx's shape inference before opset 22 keeps a last ceil_mode window that starts in the
+        # end padding (ORT and Caffe drop it); every shape after such a pool would be wrong.
+        wanted = CEIL_POOL_OPSET
+    if opset < wanted:
         try:
-            model = version_converter.convert_version(model, MIN_OPSET)
+            model = version_converter.convert_version(model, wanted)
         except Exception as e:  # the converter raises plain RuntimeError/IndexError on many inputs
-            raise InvalidModelError(f"cannot upgrade the model from opset {opset} to {MIN_OPSET}: {first_line(e)}") from None
+            raise InvalidModelError(f"cannot upgrade the model from opset {opset} to {wanted}: {first_line(e)}") from None
     if model.ir_version < 8:  # model-local functions (our WithinChannelLRN) need IR 8
         model.ir_version = 8
     try:  # returns a new ModelProto: the caller's model is never modified
@@ -72,7 +79,59 @@ def prepare(src) -> onnx.ModelProto:
     except Exception as e:
         raise InvalidModelError(f"onnx shape inference failed on the model: {first_line(e)}") from None
     _name_nodes(model.graph)
+    if _has_ceil_pooling(model):
+        _measure_shapes(model)
     return model
+
+
+def _measure_shapes(model: onnx.ModelProto) -> None:
+    """Replace inferred shapes by the ones ONNX Runtime really produces (batch 1).
+
+    onnx's shape inference keeps a last ceil_mode AveragePool window that starts in the end
+    padding, which ONNX Runtime (like Caffe and PyTorch) drops; every shape after it is then off.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    wanted = [v for v in g.value_info if v.type.HasField("tensor_type")]
+    if not wanted:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(wanted)
+    feeds = {}
+    for i in g.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feeds[i.name] = np.zeros(shape, dtype=dtype)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        values = sess.run([v.name for v in wanted], feeds)
+    except Exception:
+        return  # keep onnx's shapes; the model may need real inputs to run
+    finally:
+        del probe
+    for v, arr in zip(wanted, values):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) != arr.ndim:
+            continue
+        for k, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value != arr.shape[k]:
+                d.dim_value = arr.shape[k]
+
+
+def _has_ceil_pooling(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("MaxPool", "AveragePool", "LpPool") and
+               any(a.name == "ceil_mode" and a.i for a in n.attribute) for n in model.graph.node)
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:

@@ -24,24 +24,44 @@ from .view import ModelView, attrs_of
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-@dataclass
 class LinearParams:
     """``z = W x + b`` in the op's own weight layout.
 
     kind: "conv" (W [M, C/g, *k]), "convtranspose" (W [C, M/g, *k]), "gemm" (W [M, K]: out x in),
     "matmul" (W [K, M]). ``attrs`` holds explicit strides/pads/dilations/group (conv kinds).
+
+    ``W`` is float32 and read from the model's initializer each time it is asked for, unless a
+    folded BatchNorm changed it: large models are not held twice in memory. While ``source`` is
+    set, the initializer of that name holds ``W`` unchanged (transposed if ``source_transposed``),
+    so rules that need the plain weight reuse it instead of storing a copy.
     """
 
-    kind: str
-    W: np.ndarray
-    b: np.ndarray
-    attrs: dict
-    x_shape: list | None
-    z_shape: list | None
+    def __init__(self, kind: str, b: np.ndarray, attrs: dict, x_shape, z_shape, *, view: ModelView | None = None,
+                 source: str | None = None, source_transposed: bool = False, W: np.ndarray | None = None):
+        self.kind, self.b, self.attrs, self.x_shape, self.z_shape = kind, b, attrs, x_shape, z_shape
+        self._view, self.source, self.source_transposed = view, source, source_transposed
+        self._W = None if W is None else np.asarray(W, dtype=np.float32)
+        if W is not None:
+            self.source = None
 
     @property
-    def out_axis(self) -> int:
-        return 1 if self.kind in ("conv", "convtranspose", "gemm") else -1
+    def W(self) -> np.ndarray:
+        if self._W is not None:
+            return self._W
+        W = self._view.value(self.source).astype(np.float32, copy=False)
+        return W.T if self.source_transposed else W
+
+    @W.setter
+    def W(self, value: np.ndarray) -> None:
+        self._W = np.asarray(value, dtype=np.float32)
+        self.source = None
+
+    @property
+    def weight_shape(self) -> tuple:
+        if self._W is not None:
+            return self._W.shape
+        shape = tuple(self._view.shape(self.source))
+        return shape[::-1] if self.source_transposed else shape
 
 
 @dataclass
@@ -143,33 +163,43 @@ def _linear_params(view: ModelView, node: onnx.NodeProto) -> LinearParams | None
         x, w = ins[0], ins[1]
         if not view.is_const(w) or x not in view.dynamic:
             return None
-        W = view.value(w).astype(np.float64)
-        if W.ndim != 2:
+        shape = view.shape(w)
+        if shape is None or len(shape) != 2:
             return None
-        return LinearParams("matmul", W, np.zeros(W.shape[1]), {}, view.shape(x), None)
+        return LinearParams("matmul", np.zeros(shape[1]), {}, view.shape(x), None, view=view, source=w)
     if node.op_type == "Gemm":
         x, w, c = ins[0], ins[1], ins[2]
         if not view.is_const(w) or (c and not view.is_const(c)) or a.get("transA", 0):
             return None
-        W = view.value(w).astype(np.float64) * float(a.get("alpha", 1.0))
-        if not a.get("transB", 0):
-            W = W.T  # store as [out, in]
-        M = W.shape[0]
+        transposed = not a.get("transB", 0)  # W is kept as [out, in]
+        params = LinearParams("gemm", None, {}, view.shape(x), None, view=view, source=w,
+                              source_transposed=transposed)
+        alpha = float(a.get("alpha", 1.0))
+        if alpha != 1.0:
+            params.W = params.W.astype(np.float64) * alpha
+        M = params.weight_shape[0]
         b = np.zeros(M)
         if c:
-            b = b + np.broadcast_to(view.value(c).astype(np.float64) * float(a.get("beta", 1.0)), (M,))
-        return LinearParams("gemm", W, b, {}, view.shape(x), None)
+            cv = view.value(c).astype(np.float64) * float(a.get("beta", 1.0))
+            # C broadcasts against [N, M]: a scalar, [M], [1, M] or [1, 1] is a bias; [N, M] is not
+            if cv.ndim > 2 or (cv.ndim == 2 and cv.shape[0] != 1) or cv.size not in (1, M):
+                return None
+            b = b + np.broadcast_to(cv.reshape(-1), (M,))
+        params.b = b
+        return params
     # Conv / ConvTranspose
     x, w, c = ins[0], ins[1], ins[2]
     if not view.is_const(w) or (c and not view.is_const(c)):
         return None
-    W = view.value(w).astype(np.float64)
+    w_shape = view.shape(w)
+    if w_shape is None or len(w_shape) < 3:
+        return None
     kind = "conv" if node.op_type == "Conv" else "convtranspose"
     group = int(a.get("group", 1))
-    M = W.shape[0] if kind == "conv" else W.shape[1] * group
+    M = w_shape[0] if kind == "conv" else w_shape[1] * group
     b = view.value(c).astype(np.float64).reshape(M) if c else np.zeros(M)
     x_shape = view.shape(x)
-    spatial = W.ndim - 2
+    spatial = len(w_shape) - 2
     attrs = {
         "strides": list(a.get("strides", [1] * spatial)),
         "dilations": list(a.get("dilations", [1] * spatial)),
@@ -185,8 +215,8 @@ def _linear_params(view: ModelView, node: onnx.NodeProto) -> LinearParams | None
     if auto_pad not in ("NOTSET", "VALID"):
         if kind != "conv" or x_shape is None or any(d is None for d in x_shape[2:]):
             return None
-        attrs["pads"] = _same_pads(x_shape[2:], list(W.shape[2:]), attrs, upper=auto_pad == "SAME_UPPER")
-    return LinearParams(kind, W, b, attrs, x_shape, None)
+        attrs["pads"] = _same_pads(x_shape[2:], list(w_shape[2:]), attrs, upper=auto_pad == "SAME_UPPER")
+    return LinearParams(kind, b, attrs, x_shape, None, view=view, source=w)
 
 
 def _same_pads(size, kernel, attrs, upper: bool) -> list[int]:
@@ -240,13 +270,13 @@ def _absorb_batchnorm(view: ModelView, params: LinearParams, bn: onnx.NodeProto)
     scale, bias, mean, var = (view.value(i).astype(np.float64) for i in bn.input[1:5])
     eps = float(attrs_of(bn).get("epsilon", 1e-5))
     s = scale / np.sqrt(var + eps)
-    params.W = scale_output_channels(params, s)
+    params.W = scale_output_channels(params, s)  # float64 product, stored as float32
     params.b = (params.b - mean) * s + bias
     return True
 
 
 def scale_output_channels(params: LinearParams, s: np.ndarray) -> np.ndarray:
-    W = params.W
+    W = params.W.astype(np.float64)
     if params.kind == "conv" or params.kind == "gemm":
         return W * s.reshape((-1,) + (1,) * (W.ndim - 1))
     if params.kind == "matmul":

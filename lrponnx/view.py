@@ -51,9 +51,9 @@ class ModelView:
         """The value of a constant tensor (an initializer or a constant subgraph's output)."""
         if name in self._values:
             return self._values[name]
-        if name in self.initializers:
-            arr = numpy_helper.to_array(self.initializers[name])
-        elif name in self.producer:
+        if name in self.initializers:  # not cached: large weights are read when needed, then freed
+            return numpy_helper.to_array(self.initializers[name])
+        if name in self.producer:
             arr = self._evaluate(self.producer[name], name)
         else:
             raise KeyError(f"tensor {name!r} is not a constant of this graph")

@@ -9,7 +9,7 @@ When the input is provably non-negative (after a ReLU) the x- terms are zero and
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 
 import numpy as np
 
@@ -35,6 +35,8 @@ class LinearOps:
 
     # -- weights ---------------------------------------------------------------------------------
     def weight(self, key: str, W: np.ndarray) -> str:
+        if key == "w" and self.p.source and not self.p.source_transposed:
+            return self.p.source  # the model's own initializer: no second copy
         if key not in self._weights:
             self._weights[key] = self.g.const(W, hint=f"{self.unit.name}/W_{key}")
         return self._weights[key]
@@ -46,7 +48,7 @@ class LinearOps:
     def _vjp_output_padding(self) -> list[int]:
         """ConvTranspose output_padding that makes ``W^T q`` exactly the input's spatial size."""
         p, a = self.p, self.p.attrs
-        k = p.W.shape[2:]
+        k = p.weight_shape[2:]
         n = len(k)
         out = []
         for i in range(n):
@@ -88,16 +90,20 @@ class LinearOps:
                         output_padding=self._vjp_output_padding(), **self._conv_attrs())
         if p.kind == "convtranspose":
             return g.op("Conv", q, self.weight(key, W), hint=hint, **self._conv_attrs())
+        rank2 = p.x_shape is not None and len(p.x_shape) == 2
+        if key == "w" and p.source and rank2 and (p.kind == "matmul" or p.source_transposed):
+            # The initializer holds W as [in, out]: q [N, out] times its transpose, no copy.
+            return g.op("Gemm", q, p.source, transB=1, hint=hint)
         if p.kind == "gemm":
             return g.op("MatMul", q, self.weight(key, W), hint=hint)
         return g.op("MatMul", q, self.weight(f"{key}_T", np.ascontiguousarray(W.T)), hint=hint)
 
     def _vjp_as_conv(self) -> bool:
-        a, W = self.p.attrs, self.p.W
-        n = W.ndim - 2
+        a, shape = self.p.attrs, self.p.weight_shape
+        n = len(shape) - 2
         if any(st != 1 for st in a["strides"]):
             return False
-        return all(a["dilations"][i % n] * (W.shape[2 + i % n] - 1) - a["pads"][i] >= 0 for i in range(2 * n))
+        return all(a["dilations"][i % n] * (shape[2 + i % n] - 1) - a["pads"][i] >= 0 for i in range(2 * n))
 
     def constant_forward(self, x_value: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """``W x + b`` for a constant input (one sample), computed now with ONNX Runtime."""
@@ -225,7 +231,7 @@ def wsquare(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1
 
 
 def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
-    ones = np.ones_like(ops.p.W)
+    ones = np.ones(ops.p.weight_shape, np.float32)
     # 1^T (R / stab(1 . 1)): padding is zero in the ones input, so it does not count.
     den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
     q = ctx.stab_div_const(R, den, epsilon)
@@ -236,8 +242,9 @@ def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6
         q1 = g.op("ReduceSum", q, g.ints([1]), keepdims=1, hint="flat_qsum")
         ops1 = LinearOps.__new__(LinearOps)
         ops1.__dict__.update(ops.__dict__, _weights={})
-        ops1.p = dataclasses.replace(ops.p, W=np.ones((1, 1) + ops.p.W.shape[2:]),
-                                     x_shape=[ops.p.x_shape[0], 1] + list(ops.p.x_shape[2:]))
+        ops1.p = copy.copy(ops.p)
+        ops1.p.W = np.ones((1, 1) + ops.p.weight_shape[2:])
+        ops1.p.x_shape = [ops.p.x_shape[0], 1] + list(ops.p.x_shape[2:])
         spread = ops1.vjp(q1, "ones1", ops1.p.W)
         return g.op("Expand", spread, g.op("Shape", x), hint="r_flat")
     return ops.vjp(q, "ones", ones)

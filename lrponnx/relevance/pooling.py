@@ -12,14 +12,15 @@ from . import Ctx, Unsupported, handler
 def _window(ctx: Ctx, unit: Unit) -> dict:
     """Kernel, strides, dilations and the explicit pads of a pooling node, with ceil_mode's
     overhang turned into extra end padding so an ordinary (floor) conv sees the same windows."""
-    x, y = unit.inputs[0], unit.output
-    xs, ys = ctx.view.shape(x), ctx.view.shape(y)
-    if xs is None or ys is None or any(d is None for d in xs[1:] + ys[1:]):
+    x = unit.inputs[0]
+    xs = ctx.view.shape(x)
+    if xs is None or any(d is None for d in xs[1:]):
         raise Unsupported("needs static channel and spatial sizes")
     a = unit.info
     n = len(xs) - 2
     if unit.op_type.startswith("Global"):
         k, s, d, pads = list(xs[2:]), [1] * n, [1] * n, [0] * (2 * n)
+        ys = list(xs[:2]) + [1] * n
     else:
         auto_pad = a.get("auto_pad", b"NOTSET")
         if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
@@ -28,6 +29,11 @@ def _window(ctx: Ctx, unit: Unit) -> dict:
         s = list(a.get("strides", [1] * n))
         d = list(a.get("dilations", [1] * n))
         pads = list(a.get("pads", [0] * (2 * n)))
+        # The output size as the runtime computes it: onnx shape inference before opset 22 gets
+        # ceil_mode wrong (it keeps a last window that starts in the end padding; ORT drops it).
+        attrs = {k_: v for k_, v in a.items() if k_ != "storage_order"}
+        ys = list(xs[:2]) + list(run_op(unit.op_type, [np.ones([1, 1] + list(xs[2:]), np.float32)],
+                                        opset=_opset(ctx), **attrs).shape[2:])
     for i in range(n):
         need = (ys[2 + i] - 1) * s[i] + (k[i] - 1) * d[i] + 1
         have = xs[2 + i] + pads[i] + pads[n + i]
@@ -39,6 +45,11 @@ def _window(ctx: Ctx, unit: Unit) -> dict:
         out_pad.append(xs[2 + i] - base)
     return dict(kernel=k, strides=s, dilations=d, pads=pads, output_padding=out_pad, C=xs[1], x_shape=xs,
                 y_shape=ys)
+
+
+def _opset(ctx: Ctx) -> int:
+    """The model's default-domain opset (pooling attributes differ between versions)."""
+    return max([o.version for o in ctx.view.model.opset_import if o.domain in ("", "ai.onnx")] or [17])
 
 
 def _window_sum_T(ctx: Ctx, w: dict, q: str) -> str:
@@ -72,7 +83,7 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         averaged = np.ones_like(counted)
     else:
         node_attrs = {k: v for k, v in unit.info.items()}
-        averaged = run_op("AveragePool", [ones], **node_attrs)
+        averaged = run_op("AveragePool", [ones], opset=_opset(ctx), **node_attrs)
     divisor = counted / averaged
     q = ctx.stab_div(R, y, eps)
     q = ctx.g.op("Div", q, ctx.g.const(divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_div"))
