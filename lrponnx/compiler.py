@@ -22,7 +22,7 @@ from . import __version__
 from .builder import GraphBuilder
 from .composites import RuleOptions, assign_rules, parse_override
 from .errors import InvalidModelError, Offender, UnsupportedModelError
-from .load import first_line, prepare
+from .load import first_line, prepare, read_model, skeleton
 from .relevance import Ctx, Unsupported, load_handlers
 from .units import Unit, build_units
 from .view import ModelView
@@ -164,20 +164,21 @@ def _check(explainer: onnx.ModelProto, original) -> None:
     """onnx's full check (with strict shape inference); if the *original* model already fails
     it (onnx's inference disagrees with ONNX Runtime on ceil_mode AveragePool windows that start
     in the padding), the structural check is the most that can pass, and the metadata says so."""
+    sk, _ = skeleton(explainer)  # the same check, without serialising the weights
     try:
-        onnx.checker.check_model(explainer, full_check=True)
+        onnx.checker.check_model(sk, full_check=True)
         return
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         error = e
     try:
-        src = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
-        onnx.checker.check_model(src, full_check=True)
+        src = original if isinstance(original, onnx.ModelProto) else read_model(original)
+        onnx.checker.check_model(skeleton(src)[0], full_check=True)
         original_passes = True
     except Exception:
         original_passes = False
     if original_passes:  # our bug, not the user's: say so plainly
         raise RuntimeError(f"lrponnx built an invalid explainer (please report): {first_line(error)}") from error
-    onnx.checker.check_model(explainer)
+    onnx.checker.check_model(sk)
     explainer.metadata_props.append(onnx.StringStringEntryProto(
         key="lrponnx.check", value="structural only: the original model fails onnx's strict shape inference"))
 

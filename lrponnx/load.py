@@ -55,51 +55,117 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def prepare(src) -> onnx.ModelProto:
-    """Read, check, upgrade to at least :data:`MIN_OPSET`, name every node, infer shapes."""
+    """Read, check, upgrade to at least :data:`MIN_OPSET`, infer shapes, name every node.
+
+    All graph work runs on a skeleton without the large weights, so nothing here serialises
+    them (a VGG16-sized model converts in seconds, and is held in memory once).
+    """
     model = read_model(src)
+    if isinstance(src, onnx.ModelProto):  # never modify the caller's model
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+    sk, fake = skeleton(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(sk)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise InvalidModelError(f"the model fails onnx's checker: {first_line(e)}") from None
-    opset = default_opset(model)
+    opset = default_opset(sk)
     wanted = max(opset, MIN_OPSET)
-    if wanted < CEIL_POOL_OPSET and _has_ceil_pooling(model):
+    if wanted < CEIL_POOL_OPSET and _has_ceil_pooling(sk):
         # onnx's shape inference before opset 22 keeps a last ceil_mode window that starts in the
         # end padding (ORT and Caffe drop it); every shape after such a pool would be wrong.
         wanted = CEIL_POOL_OPSET
     if opset < wanted:
         try:
-            model = version_converter.convert_version(model, wanted)
+            sk = version_converter.convert_version(sk, wanted)
         except Exception as e:  # the converter raises plain RuntimeError/IndexError on many inputs
             raise InvalidModelError(f"cannot upgrade the model from opset {opset} to {wanted}: {first_line(e)}") from None
-    if model.ir_version < 8:  # model-local functions (our WithinChannelLRN) need IR 8
-        model.ir_version = 8
-    try:  # returns a new ModelProto: the caller's model is never modified
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False, data_prop=True)
+    if sk.ir_version < 8:  # model-local functions (our WithinChannelLRN) need IR 8
+        sk.ir_version = 8
+    try:
+        sk = onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=False, data_prop=True)
     except Exception as e:
         raise InvalidModelError(f"onnx shape inference failed on the model: {first_line(e)}") from None
-    _name_nodes(model.graph)
-    if _has_ceil_pooling(model):
-        _measure_shapes(model)
+    _name_nodes(sk.graph)
+    if _has_ceil_pooling(sk):
+        _measure_shapes(sk, model)
+    restore(model, sk, fake)
     return model
 
 
-def _measure_shapes(model: onnx.ModelProto) -> None:
+#: Initializers above this size stay out of the skeleton that checks, upgrades and infers shapes.
+SKELETON_BYTES = 1 << 16
+
+
+def _is_large(t: onnx.TensorProto) -> bool:
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    return t.data_location == onnx.TensorProto.EXTERNAL or numel * 4 > SKELETON_BYTES
+
+
+def skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """The model without its large initializers, which become graph inputs of the same type and
+    shape. Returns the skeleton and the names of the inputs added for them."""
+    g = model.graph
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    sg = sk.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    listed = {i.name for i in g.input}
+    fake = set()
+    for t in g.initializer:
+        if not _is_large(t):
+            sg.initializer.append(t)
+        elif t.name not in listed:
+            sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            fake.add(t.name)
+    return sk, fake
+
+
+def restore(model: onnx.ModelProto, sk: onnx.ModelProto, fake: set[str]) -> None:
+    """Put the processed skeleton's graph back into ``model``, whose large weights stay in place."""
+    g, sg = model.graph, sk.graph
+    for i in reversed(range(len(g.initializer))):
+        if not _is_large(g.initializer[i]):
+            del g.initializer[i]
+    g.initializer.extend(sg.initializer)
+    for field in ("node", "input", "output", "value_info"):
+        del getattr(g, field)[:]
+    g.node.extend(sg.node)
+    g.input.extend(i for i in sg.input if i.name not in fake)
+    g.output.extend(sg.output)
+    g.value_info.extend(sg.value_info)
+    del model.opset_import[:]
+    model.opset_import.extend(sk.opset_import)
+    del model.functions[:]
+    model.functions.extend(sk.functions)
+    model.ir_version = sk.ir_version
+
+
+def _measure_shapes(sk: onnx.ModelProto, model: onnx.ModelProto) -> None:
     """Replace inferred shapes by the ones ONNX Runtime really produces (batch 1).
 
     onnx's shape inference keeps a last ceil_mode AveragePool window that starts in the end
     padding, which ONNX Runtime (like Caffe and PyTorch) drops; every shape after it is then off.
+    Shapes do not depend on weight values: the skeleton runs with zeros for its large weights.
     """
     import numpy as np
     import onnxruntime as ort
 
-    g = model.graph
+    g = sk.graph
     inits = {t.name for t in g.initializer}
     wanted = [v for v in g.value_info if v.type.HasField("tensor_type")]
     if not wanted:
         return
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe.CopyFrom(sk)
     del probe.graph.output[:]
     probe.graph.output.extend(wanted)
     feeds = {}
@@ -118,8 +184,6 @@ def _measure_shapes(model: onnx.ModelProto) -> None:
         values = sess.run([v.name for v in wanted], feeds)
     except Exception:
         return  # keep onnx's shapes; the model may need real inputs to run
-    finally:
-        del probe
     for v, arr in zip(wanted, values):
         dims = v.type.tensor_type.shape.dim
         if len(dims) != arr.ndim:

@@ -73,9 +73,12 @@ class LinearOps:
         z = g.op("MatMul", x, w, hint=f"{self.unit.name}/z_{key}")
         return g.op("Add", z, g.const(b, hint=f"{self.unit.name}/b_{key}")) if b is not None else z
 
-    def vjp(self, q: str, key: str, W: np.ndarray) -> str:
-        """``W^T q``: the gradient of ``W x`` with respect to x, shaped like x."""
+    def vjp(self, q: str, key: str, W: np.ndarray | None) -> str:
+        """``W^T q``: the gradient of ``W x`` with respect to x, shaped like x.
+        ``W=None`` means the layer's own weight, read only if its initializer cannot be reused."""
         g, p = self.g, self.p
+        if W is None:
+            W = _LazyWeight(p)
         hint = f"{self.unit.name}/vjp_{key}"
         if p.kind == "conv":
             if self._vjp_as_conv():
@@ -126,9 +129,32 @@ class LinearOps:
         return [1] + list(shape[1:])
 
 
+class _LazyWeight:
+    """Stands for the layer's own weight; loads it only when a copy really has to be made."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.p.W, dtype=dtype)
+
+    @property
+    def T(self):
+        return self.p.W.T
+
+    @property
+    def shape(self):
+        return self.p.weight_shape
+
+    @property
+    def ndim(self):
+        return len(self.p.weight_shape)
+
+
 def flipped_transpose(W: np.ndarray, group: int) -> np.ndarray:
     """Conv weight [M, C/g, *k] -> the weight of its transposed conv as a Conv: [C, M/g, *k],
     in/out swapped within each group and the kernel flipped in every spatial axis."""
+    W = np.asarray(W)
     M, Cg = W.shape[:2]
     k = W.shape[2:]
     Wg = W.reshape((group, M // group, Cg) + k).swapaxes(1, 2)  # [g, C/g, M/g, *k]
@@ -148,7 +174,7 @@ def _neg(a):
 
 def epsilon(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     q = ctx.stab_div(R, z, epsilon)
-    return ctx.g.op("Mul", x, ops.vjp(q, "w", ops.p.W), hint="r_eps")
+    return ctx.g.op("Mul", x, ops.vjp(q, "w", None), hint="r_eps")
 
 
 def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 2.0, beta: float = 1.0,
@@ -219,7 +245,7 @@ def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low=None, high=None, 
     b_full = b.reshape((1, -1) + (1,) * (bounds.ndim - 2)) if ops.p.kind in ("conv", "convtranspose") else b
     d = g.op("Sub", z, g.const(bounds + b_full, hint=f"{ops.unit.name}/zbox_shift"), hint="zbox_d")
     q = ctx.stab_div(R, d, epsilon)
-    r = g.op("Mul", x, ops.vjp(q, "w", W))
+    r = g.op("Mul", x, ops.vjp(q, "w", None))
     r = g.op("Sub", r, g.op("Mul", g.const(lo, hint="zbox_low"), ops.vjp(q, "pos", Wp)))
     return g.op("Sub", r, g.op("Mul", g.const(hi, hint="zbox_high"), ops.vjp(q, "neg", Wn)), hint="r_zbox")
 
