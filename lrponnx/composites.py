@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .errors import RuleError
 from .relevance import Handler, load_handlers
 from .units import Unit
@@ -57,6 +59,21 @@ def make_rule(name: str, **params) -> Rule:
         if k not in merged:
             raise RuleError(f"rule {name!r} has no parameter {k!r} (it has: {', '.join(merged) or 'none'})")
         merged[k] = v
+    for k in ("epsilon", "gamma", "alpha", "beta"):
+        if k in merged:
+            try:
+                merged[k] = float(merged[k])
+            except (TypeError, ValueError):
+                raise RuleError(f"rule {name!r}: {k} must be a number, got {merged[k]!r}") from None
+    if merged.get("epsilon", 0.0) < 0:
+        raise RuleError(f"rule {name!r}: epsilon must be >= 0, got {merged['epsilon']:g}")
+    for k in ("low", "high"):
+        if name == "zbox" and merged[k] is not None:
+            try:
+                np.asarray(merged[k], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise RuleError(f"rule 'zbox': {k} must be a number or one number per channel "
+                                f"(a/b/c), got {merged[k]!r}") from None
     if name == "alpha-beta":
         a, b = float(merged["alpha"]), float(merged["beta"])
         if a < 0 or b < 0 or abs(a - b - 1.0) > 1e-9:
@@ -147,6 +164,10 @@ def mark_first_layers(units: list[Unit], inputs: list[str]) -> None:
 def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> None:
     if opts.composite not in COMPOSITES:
         raise RuleError(f"unknown composite {opts.composite!r}; choose one of: {', '.join(COMPOSITES)}")
+    if opts.lrn_rule not in ("taylor", "identity"):  # checked even when the model has no LRN
+        raise RuleError(f"unknown LRN rule {opts.lrn_rule!r}; choose taylor or identity")
+    if opts.lrn_denominator not in ("sum", "output"):
+        raise RuleError(f"taylor's denominator must be 'sum' or 'output', got {opts.lrn_denominator!r}")
     comp = COMPOSITES[opts.composite]
     table = load_handlers()
     mark_first_layers(units, inputs)
