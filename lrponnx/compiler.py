@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from . import __version__
 from .builder import GraphBuilder
 from .composites import RuleOptions, assign_rules, parse_override
-from .errors import InvalidModelError, Offender, UnsupportedModelError
+from .errors import InvalidModelError, Offender, RuleError, UnsupportedModelError
 from .load import first_line, prepare, read_model, skeleton
 from .relevance import Ctx, Unsupported, load_handlers
 from .units import Unit, build_units
@@ -72,8 +72,20 @@ def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, 
     if opts.low is None and opts.high is None and opts.composite == "epsilon-gamma-box":
         opts.low, opts.high = _bounds_from_metadata(model)
     assign_rules(units, view.inputs, opts)
-    offenders = _static_offenders(view, units, logits)
-    return Plan(model, view, units, logits, offenders)
+    return Plan(model, view, units, logits, _dry_run_offenders(view, units, logits))
+
+
+def _dry_run_offenders(view: ModelView, units: list[Unit], logits: str) -> list[Offender]:
+    """Every node on the relevance path that cannot be explained: those without a handler and
+    those whose handler refuses them (e.g. a Conv whose weight is computed at run time). The
+    handlers write into a scratch graph that is thrown away."""
+    scratch = onnx.GraphProto()
+    scratch.input.extend(view.graph.input)
+    g = GraphBuilder(scratch)
+    ctx = Ctx(g, view, {})
+    seed = g.fresh("dry_run_seed")
+    _, offenders = emit_relevance(ctx, units, logits, seed)
+    return offenders
 
 
 def _bounds_from_metadata(model: onnx.ModelProto):
@@ -126,12 +138,6 @@ def _why_unsupported(u: Unit) -> str:
     return f"no LRP rule for op type {node.op_type}"
 
 
-def _static_offenders(view: ModelView, units: list[Unit], logits: str) -> list[Offender]:
-    table = load_handlers()
-    return [Offender(u.name, u.op_type, _why_unsupported(u))
-            for u in _relevance_path(view, units, logits) if u.kind not in table]
-
-
 def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
             lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum") -> onnx.ModelProto:
@@ -142,7 +148,7 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     (``relevance``, or ``relevance_<input>`` for several inputs).
     """
     if seed not in SEEDS:
-        raise InvalidModelError(f"seed must be one of {SEEDS}, got {seed!r}")
+        raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
     p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
              lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator)
     if p.offenders:
@@ -151,10 +157,14 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     g = GraphBuilder(explainer.graph)
     ctx = Ctx(g, p.view, {})
     R0 = _emit_seed(g, p.view, p.logits, seed)
-    relevance, offenders = emit_relevance(ctx, p.units, p.logits, R0, layer_relevance)
+    exposed: list = [] if layer_relevance else None
+    relevance, offenders = emit_relevance(ctx, p.units, p.logits, R0, exposed)
     if offenders:
         raise UnsupportedModelError(offenders)
     names = _emit_outputs(g, p.view, relevance)
+    for name, tensor, shape in exposed or []:  # after the model's outputs and `relevance`
+        g.identity(tensor, name)
+        g.output(name, TensorProto.FLOAT, shape)
     _write_metadata(explainer, p, composite, seed, names)
     _check(explainer, model)
     return explainer
@@ -203,10 +213,12 @@ def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
     return onehot if seed == "one" else g.op("Mul", onehot, logits, hint="seed")
 
 
-def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, layer_relevance: bool = False):
+def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: list | None = None):
     """Walk the units from the logits to the inputs; returns ({tensor: relevance}, offenders).
 
-    A tensor read by several units receives the sum of what each hands back.
+    A tensor read by several units receives the sum of what each hands back. With ``exposed``
+    (a list), the relevance at every unit's output and inputs is appended to it as
+    ``(output name, tensor, shape)`` for ``--layer-relevance``.
     """
     g, table = ctx.g, load_handlers()
     incoming: dict[str, list[str]] = defaultdict(list)
@@ -237,20 +249,12 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, layer_rele
         except Unsupported as e:
             offenders.append(Offender(u.name, u.op_type, str(e)))
             handed = {i: R or incoming[extra[0]][0] for i in u.inputs if ctx.view.is_float(i)}
-        if layer_relevance:
-            _expose(g, ctx.view, f"lrp_out/{u.name}", R, ctx.view.shape(u.output))
-            for i, r in handed.items():
-                _expose(g, ctx.view, f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i))
+        if exposed is not None and R is not None:
+            exposed.append((f"lrp_out/{u.name}", R, ctx.view.shape(u.output)))
+            exposed.extend((f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i)) for i, r in handed.items())
         for t, r in handed.items():
             incoming[t].append(r)
     return {t: total(t) for t in ctx.view.inputs}, offenders
-
-
-def _expose(g: GraphBuilder, view: ModelView, name: str, tensor: str | None, shape) -> None:
-    if tensor is None:
-        return
-    g.identity(tensor, name)
-    g.output(name, TensorProto.FLOAT, shape if shape is not None else None)
 
 
 def _emit_outputs(g: GraphBuilder, view: ModelView, relevance: dict) -> dict:

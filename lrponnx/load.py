@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
@@ -42,7 +44,7 @@ def read_model(src) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph found; is the file truncated?)")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise InvalidModelError(f"{path}: cannot read its external data ({e})") from None
     return model
 
@@ -82,6 +84,7 @@ def prepare(src) -> onnx.ModelProto:
             raise InvalidModelError(f"cannot upgrade the model from opset {opset} to {wanted}: {first_line(e)}") from None
     if sk.ir_version < 8:  # model-local functions (our WithinChannelLRN) need IR 8
         sk.ir_version = 8
+    _fold_small_constants(sk)
     try:
         sk = onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=False, data_prop=True)
     except Exception as e:
@@ -92,6 +95,51 @@ def prepare(src) -> onnx.ModelProto:
     restore(model, sk, fake)
     return model
 
+
+def _fold_small_constants(sk: onnx.ModelProto) -> None:
+    """Replace nodes that only compute small constants (a Pad's pads built from ConstantOfShape,
+    Slice, Concat... as torch exports them) by initializers, so shape inference sees the values.
+    The values are computed by onnx's reference evaluator; the model's numbers do not change."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = sk.graph
+    known = {t.name: t for t in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    graph_outputs = {o.name for o in g.output}
+    keep = []
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        foldable = (node.domain in ("", "ai.onnx") and node.op_type not in _NEVER_FOLD
+                    and all(i in known and i not in graph_inputs for i in ins)
+                    and not any(o in graph_outputs for o in node.output)
+                    and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                for a in node.attribute))
+        if foldable:
+            try:
+                model = onnx.helper.make_model(
+                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                                 for o in node.output if o],
+                                           [known[i] for i in dict.fromkeys(ins)]),
+                    opset_imports=list(sk.opset_import), ir_version=sk.ir_version)
+                values = ReferenceEvaluator(model).run(None, {})
+            except Exception:
+                values = None
+            if values is not None and all(np.asarray(v).nbytes <= SKELETON_BYTES for v in values):
+                for o, v in zip([o for o in node.output if o], values):
+                    t = numpy_helper.from_array(np.asarray(v), o)
+                    g.initializer.append(t)
+                    known[o] = t
+                continue
+        keep.append(node)
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+
+
+#: ops whose result must not be frozen (random) or that have no value to fold
+_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "If", "Loop", "Scan"}
 
 #: Initializers above this size stay out of the skeleton that checks, upgrades and infers shapes.
 SKELETON_BYTES = 1 << 16
@@ -167,7 +215,9 @@ def _measure_shapes(sk: onnx.ModelProto, model: onnx.ModelProto) -> None:
     probe = onnx.ModelProto()
     probe.CopyFrom(sk)
     del probe.graph.output[:]
-    probe.graph.output.extend(wanted)
+    del probe.graph.value_info[:]  # the wrong shapes would make ORT refuse the probe
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None)
+                              for v in wanted)
     feeds = {}
     for i in g.input:
         if i.name in inits:

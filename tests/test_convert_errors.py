@@ -85,9 +85,6 @@ def test_unsupported_nodes_are_listed_all_at_once():
     assert "conv_ok" not in found and "fc" not in found
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (lrponnx/compiler.py): convert() raises on the static offenders before "
-                   "emitting, and plan() lists only static ones, so a Conv whose weight is a graph input is "
-                   "missing from the list when other nodes are unsupported too")
 def test_unsupported_list_includes_runtime_weight_conv():
     with pytest.raises(UnsupportedModelError) as info:
         lrponnx.convert(many_problems())
@@ -197,8 +194,6 @@ def test_model_failing_the_checker():
         lrponnx.convert(m)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (lrponnx/load.py): read_model lets onnx.checker.ValidationError "
-                   "from load_external_data_for_model escape (it catches only OSError/ValueError)")
 def test_missing_external_data(tmp_path):
     p = tmp_path / "ext.onnx"
     onnx.save(small_cnn(), str(p), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",

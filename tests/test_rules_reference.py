@@ -389,11 +389,6 @@ def test_average_pool(cip, ceil):
           rules=["Conv=epsilon"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (lrponnx/load.py): before opset 22 onnx shape inference keeps a "
-                   "ceil_mode window that starts in the end padding (5 -> 4) while ORT and torch drop it "
-                   "(5 -> 3); prepare() writes the wrong shape into value_info and the explainer fails its "
-                   "full_check or ORT refuses to load it. prepare() should correct these shapes (or upgrade "
-                   "to opset 22)")
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_ceil_mode_window_starting_in_padding(pool):
     gen(34)
@@ -517,13 +512,14 @@ def _conv_outputs_named(model, net, names):
     return {n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in wanted}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (lrponnx/load.py): Pad whose pads come from a constant subgraph "
-                   "(torch.onnx.export of F.pad) has no inferred output shape, so the Conv after it is "
-                   "refused; prepare() should fold constant subgraphs before shape inference")
 def test_pad_with_torch_exported_pads():
     net = dag_net()
     x = inputs((2, 3, 6, 6), "mixed")
-    check("add norm + concat + pad + reshape", net, x, to_onnx(net, x), composite="epsilon-plus")
+    model = to_onnx(net, x)  # pads come from torch's constant subgraph, folded by lrponnx
+    assert "ConstantOfShape" in {n.op_type for n in model.graph.node}
+    rules = [f"{n.name}=epsilon" for n in model.graph.node if n.op_type == "Conv"
+             and n.output[0] in _conv_outputs_named(model, net, ["c3", "e1", "e2"])]
+    check("add norm + concat + pad + reshape", net, x, model, composite="epsilon-plus", rules=rules)
 
 
 def _insert_after(model: onnx.ModelProto, tensor: str, chain: list) -> onnx.ModelProto:
