@@ -125,5 +125,9 @@ def spec_of_node(node: onnx.NodeProto) -> LrnSpec | None:
         return LrnSpec.onnx_across(int(attrs["size"]), float(attrs.get("alpha", 1e-4)),
                                    float(attrs.get("beta", 0.75)), float(attrs.get("bias", 1.0)))
     if node.op_type == WITHIN_CHANNEL_LRN and node.domain == LRPONNX_DOMAIN:
-        return LrnSpec.within(int(attrs["kernel_shape"][0]), float(attrs["alpha"]), float(attrs["beta"]))
+        kernel = [int(k) for k in attrs["kernel_shape"]]
+        n = kernel[0]
+        if any(k != n for k in kernel) or list(attrs.get("pads", [])) != [(n - 1) // 2] * (2 * len(kernel)):
+            return None  # not the square, centred window we define: the node is refused, not misread
+        return LrnSpec.within(n, float(attrs["alpha"]), float(attrs["beta"]))
     return None
