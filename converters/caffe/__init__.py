@@ -1,0 +1,9 @@
+"""Caffe -> ONNX converter that needs no Caffe: ``convert(prototxt, caffemodel, ...)``.
+
+See ``docs/caffe.md`` for the supported layers, the preprocessing metadata and the decisions taken.
+"""
+from .convert import (PREPROCESSING_KEY, SUPPORTED_TYPES, WEIGHTS_KEY, CaffeConversionWarning, convert,
+                      load_caffemodel, load_prototxt)
+
+__all__ = ["convert", "CaffeConversionWarning", "PREPROCESSING_KEY", "WEIGHTS_KEY", "SUPPORTED_TYPES",
+           "load_caffemodel", "load_prototxt"]
