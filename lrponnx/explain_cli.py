@@ -41,6 +41,25 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def _unique_stems(items) -> list[str]:
+    """File stems for the outputs; inputs with the same name in different folders keep apart."""
+    def stem(it, with_parent: bool) -> str:
+        base = Path(it.name).stem + (f"_{it.index}" if it.index is not None else "")
+        return _safe_name(f"{Path(it.source).parent.name}_{base}" if with_parent else base)
+
+    plain = [stem(it, False) for it in items]
+    clash = {s for s in plain if plain.count(s) > 1}
+    stems = [stem(it, s in clash) for it, s in zip(items, plain)]
+    seen: dict[str, int] = {}
+    for i, s in enumerate(stems):  # still equal (same parent name): number them
+        if s in seen:
+            seen[s] += 1
+            stems[i] = f"{s}_{seen[s]}"
+        else:
+            seen[s] = 0
+    return stems
+
+
 def run_explain(args) -> int:
     from .cli import rule_kwargs
     from .load import read_model
@@ -55,6 +74,7 @@ def run_explain(args) -> int:
     items = list(iter_inputs(args.inputs, pre))
     if not items:
         raise LrpOnnxError("no inputs found (give image files, folders of images, or .npy arrays)")
+    stems = _unique_stems(items)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = explainer.classes
@@ -67,7 +87,7 @@ def run_explain(args) -> int:
             result = explainer.explain(x, target=args.target)
             logits = result.outputs[explainer.model_outputs[0]].reshape(len(chunk), -1)
             for k, it in enumerate(chunk):
-                stem = _safe_name(Path(it.name).stem + (f"_{it.index}" if it.index is not None else ""))
+                stem = stems[start + k]
                 rel = result.relevance[k]
                 t = int(result.target[k])
                 label = classes[t] if classes and 0 <= t < len(classes) else str(t)
@@ -77,12 +97,14 @@ def run_explain(args) -> int:
                 pred = int(np.argmax(logits[k]))
                 summary.append({"input": str(it.source), "prediction": pred, "target": t,
                                 "relevance_sum": float(rel.sum())})
-                print(f"{it.name}: predicted {classes[pred] if classes else pred}, explained {label}")
+                if len(items) <= 16:
+                    print(f"{it.name}: predicted {classes[pred] if classes else pred}, explained {label}")
                 if it.display is not None:
                     rows.append((f"{it.name}: {label}", it.display, rel))
             bar.update(len(chunk))
     if rows:
-        save_png(overview(rows[:64], cmap=args.cmap), out_dir / "overview.png")
+        save_png(overview(rows[:32], cmap=args.cmap, scale=max(1, 96 // max(rows[0][1].shape[:2]))),
+                 out_dir / "overview.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {len(items)} heatmap(s) to {out_dir}")
     return 0

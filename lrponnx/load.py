@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from .errors import InvalidModelError
+from .lrn_ops import align_function_opset
 
 #: The lowest default-domain opset the compiler emits. Older models are upgraded to it first
 #: (many Caffe-era files are opset 7-9); newer ones are kept as they are.
@@ -84,6 +85,7 @@ def prepare(src) -> onnx.ModelProto:
             raise InvalidModelError(f"cannot upgrade the model from opset {opset} to {wanted}: {first_line(e)}") from None
     if sk.ir_version < 8:  # model-local functions (our WithinChannelLRN) need IR 8
         sk.ir_version = 8
+    align_function_opset(sk)
     _fold_small_constants(sk)
     try:
         sk = onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=False, data_prop=True)

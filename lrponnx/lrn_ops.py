@@ -20,7 +20,8 @@ from onnx import helper
 
 LRPONNX_DOMAIN = "ai.lrponnx"
 WITHIN_CHANNEL_LRN = "WithinChannelLRN"
-FUNCTION_OPSET = 17
+FUNCTION_OPSET = 17   # the default; the body is built at the model's own opset (any >= 11 works)
+MIN_FUNCTION_OPSET = 11  # Constant(value_float) and AveragePool(count_include_pad) exist from here
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,14 @@ def _ref_attr(name: str, attr_type: int) -> onnx.AttributeProto:
     return a
 
 
-def within_channel_lrn_function() -> onnx.FunctionProto:
-    """The FunctionProto that a model using WithinChannelLRN nodes must carry in ``model.functions``."""
+def within_channel_lrn_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
+    """The FunctionProto that a model using WithinChannelLRN nodes must carry in ``model.functions``.
+
+    Its body imports the model's own default opset (onnx requires the two to agree); the ops
+    it uses (Constant, Mul, AveragePool with stride 1 and symmetric pads, Add, Pow, Div) compute
+    the same at every opset from 11 on."""
+    if opset < MIN_FUNCTION_OPSET:
+        raise ValueError(f"WithinChannelLRN needs opset >= {MIN_FUNCTION_OPSET}, got {opset}")
     alpha = helper.make_node("Constant", [], ["alpha"])
     alpha.attribute.append(_ref_attr("value_float", onnx.AttributeProto.FLOAT))
     alpha.attribute[0].ref_attr_name = "alpha"
@@ -93,7 +100,7 @@ def within_channel_lrn_function() -> onnx.FunctionProto:
         ["X"],
         ["Y"],
         body,
-        [helper.make_opsetid("", FUNCTION_OPSET)],
+        [helper.make_opsetid("", opset)],
         attributes=["alpha", "beta", "kernel_shape", "pads"],
     )
 
@@ -110,12 +117,27 @@ def make_within_channel_lrn(x: str, y: str, size: int, alpha: float, beta: float
 
 def ensure_lrn_function(model: onnx.ModelProto) -> None:
     """Add the WithinChannelLRN function and its domain import to ``model`` if it is missing."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), FUNCTION_OPSET)
     if not any(f.domain == LRPONNX_DOMAIN and f.name == WITHIN_CHANNEL_LRN for f in model.functions):
-        model.functions.append(within_channel_lrn_function())
+        model.functions.append(within_channel_lrn_function(opset))
+    align_function_opset(model)
     if not any(o.domain == LRPONNX_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LRPONNX_DOMAIN, 1))
     if model.ir_version < 8:  # model-local functions need IR 8
         model.ir_version = 8
+
+
+def align_function_opset(model: onnx.ModelProto) -> None:
+    """After the model's opset changed (e.g. onnx's version converter), make our function's body
+    import the same default opset, as onnx's checker requires."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return
+    for f in model.functions:
+        if f.domain == LRPONNX_DOMAIN and f.name == WITHIN_CHANNEL_LRN:
+            for o in f.opset_import:
+                if o.domain in ("", "ai.onnx"):
+                    o.version = opset
 
 
 def spec_of_node(node: onnx.NodeProto) -> LrnSpec | None:

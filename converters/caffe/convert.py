@@ -25,8 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from lrponnx.errors import InvalidModelError, Offender, UnsupportedModelError
-from lrponnx.lrn_ops import (FUNCTION_OPSET, LRPONNX_DOMAIN, ensure_lrn_function, make_within_channel_lrn,
-                             within_channel_lrn_function)
+from lrponnx.lrn_ops import ensure_lrn_function, make_within_channel_lrn
 
 from . import proto as cpb
 
@@ -673,28 +672,9 @@ def _h_lrn(c: _Ctx) -> list[list[int]]:
         c.g.node("LRN", [c.xs[0]], [c.outs[0]], c.name, size=size, alpha=float(p.alpha), beta=float(p.beta),
                  bias=float(p.k))
     else:
-        if not _lrn_function_fits(c.g.opset):
-            ok = [o for o in range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1) if _lrn_function_fits(o)]
-            raise c.layer.unsupported(
-                f"WITHIN_CHANNEL LRN is exported as the function {LRPONNX_DOMAIN}::WithinChannelLRN, whose body "
-                f"uses opset {FUNCTION_OPSET}; it fits --opset {ok[0]} to {ok[-1]}, not {c.g.opset}")
         c.g.add(make_within_channel_lrn(c.xs[0], c.outs[0], size, float(p.alpha), float(p.beta), name=c.name))
         c.g.needs_lrn_function = True
     return [list(s)]
-
-
-def _lrn_function_fits(opset: int) -> bool:
-    """Whether every op in the WithinChannelLRN function body means the same at ``opset`` as at its own."""
-    fn = within_channel_lrn_function()
-    for n in fn.node:
-        try:
-            a = onnx.defs.get_schema(n.op_type, opset, "").since_version
-            b = onnx.defs.get_schema(n.op_type, FUNCTION_OPSET, "").since_version
-        except onnx.defs.SchemaError:
-            return False
-        if a != b:
-            return False
-    return True
 
 
 def _h_relu(c: _Ctx) -> list[list[int]]:
