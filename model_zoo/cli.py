@@ -1,0 +1,83 @@
+"""``lrponnx zoo list`` / ``lrponnx zoo build NAME [-o DIR]``.
+
+The main CLI calls :func:`register` with its subparsers and :func:`run` with the parsed args.
+Standalone: ``python -m lrponnx.model_zoo.cli zoo list``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lrponnx.errors import LrpOnnxError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``zoo`` command (with ``list`` and ``build``) to an argparse subparsers object."""
+    p = subparsers.add_parser("zoo", help="list or build the models of the model zoo",
+                              description="Named recipes that produce ONNX models (see docs/model_zoo.md).")
+    sub = p.add_subparsers(dest="zoo_command", metavar="{list,build}")
+    sub.required = True
+    pl = sub.add_parser("list", help="list the zoo models")
+    pl.add_argument("-v", "--verbose", action="store_true", help="print each model's card")
+    pb = sub.add_parser("build", help="build one zoo model into a folder")
+    pb.add_argument("name", help="zoo model name (see `zoo list`)")
+    pb.add_argument("-o", "--out-dir", default=".", help="output folder (default: current folder)")
+    pb.add_argument("--retrain", action="store_true",
+                    help="cifar10-lrn: train from scratch instead of copying the bundled file (minutes on a CPU)")
+    pb.add_argument("--seed", type=int, default=None,
+                    help="cifar10-lrn --retrain: training seed; bvlc-*: seed of the random weights")
+    pb.add_argument("--epochs", type=int, default=None, help="cifar10-lrn --retrain: number of epochs")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import registry
+
+    try:
+        if args.zoo_command == "list":
+            for e in registry.list_models():
+                flags = []
+                flags.append("bundled" if e.bundled else "needs ../shared/data")
+                if e.needs_converter:
+                    flags.append("needs Caffe converter")
+                if not e.trained:
+                    flags.append("UNTRAINED")
+                print(f"{e.name:20s} {e.summary}  [{', '.join(flags)}]")
+                if getattr(args, "verbose", False):
+                    print(e.card())
+            return 0
+        if args.zoo_command == "build":
+            opts = {}
+            if args.retrain:
+                opts["retrain"] = True
+            if args.seed is not None:
+                opts["seed"] = args.seed
+            if args.epochs is not None:
+                opts["epochs"] = args.epochs
+            entry = registry.get(args.name)
+            allowed = {"cifar10-lrn": {"retrain", "seed", "epochs"}}.get(entry.name, set())
+            if entry.name.startswith("bvlc-"):
+                allowed = {"seed"}
+            bad = sorted(set(opts) - allowed)
+            if bad:
+                raise LrpOnnxError(f"{entry.name} does not take --{', --'.join(bad)}")
+            path = registry.build(entry.name, args.out_dir, **opts)
+            print(path)
+            return 0
+        raise LrpOnnxError(f"unknown zoo command {args.zoo_command!r}")
+    except LrpOnnxError as e:
+        print(f"lrponnx: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lrponnx.model_zoo.cli")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
