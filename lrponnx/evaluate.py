@@ -21,7 +21,9 @@ def run_op(op_type: str, inputs: list[np.ndarray], opset: int = 17, **attrs) -> 
         [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.asarray(v, dtype=np.float32), n) for n, v in zip(names, inputs)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    opsets = [helper.make_opsetid("", opset)]
+    # the lowest IR version that holds these opsets, so older onnxruntime releases load it too
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3

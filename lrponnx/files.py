@@ -8,8 +8,9 @@ from pathlib import Path
 
 import onnx
 
-#: Models above this size are saved with their weights in a side file (protobuf's 2 GiB limit).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
+#: (protobuf cannot hold 2 GiB, and serialising a large model in one piece doubles the memory).
+EXTERNAL_DATA_THRESHOLD = 512 << 20
 
 
 @contextlib.contextmanager
@@ -28,10 +29,11 @@ def atomic_path(path):
 
 
 def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> Path:
-    """Save atomically; large models (or ``external_data=True``) keep weights in ``<name>.data``."""
+    """Save atomically; large models (or ``external_data=True``) keep weights in ``<name>.data``.
+    Saving with external data moves the weights of the in-memory ``model`` out to the file."""
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
         with atomic_path(path) as tmp:
             tmp.write_bytes(model.SerializeToString())
@@ -56,12 +58,15 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
     return path
 
 
-def _small_enough(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:
-        return False
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializers, from their shapes (cheap: nothing is serialised)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -33,11 +33,10 @@ def read_model(src) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: no such file")
     if path.is_dir():
         raise InvalidModelError(f"{path}: is a directory, expected an .onnx file")
-    data = path.read_bytes()
-    if not data:
+    if path.stat().st_size == 0:
         raise InvalidModelError(f"{path}: the file is empty")
     try:
-        model = onnx.load_model_from_string(data)
+        model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise InvalidModelError(f"{path}: not an ONNX model or truncated ({type(e).__name__}: {e})") from None
     if not model.graph.node and not model.graph.output:
