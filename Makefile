@@ -26,7 +26,11 @@ demo: setup-demo
 test: setup-test
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: setup-test
+$(VENV)/.bench-installed: pyproject.toml | $(VENV)/.test-installed
+	$(BIN)/pip install -q -e ".[test,samples,bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py
 
 clean:
