@@ -458,6 +458,16 @@ def evaluate(model, x, methods: dict, *, region: int = 4, steps: int | None = No
     curves, kept = {}, {}
     total = n * (len(methods) + 1)
     with tqdm(total=total, desc="perturbing", unit="img", disable=not progress or total <= 64) as bar:
+        def curves_for(order: np.ndarray) -> np.ndarray:
+            """The target logit after 0..steps regions of each image were replaced, in ``order``."""
+            f = np.empty((n, steps + 1))
+            for s in range(0, n, per_call):
+                e = min(n, s + per_call)
+                f[s:e] = perturbation_curves(forward, x[s:e], order[s:e], noises[s:e], target[s:e], region, steps,
+                                             images_per_call=per_call)
+                bar.update(e - s)
+            return f
+
         for name, spec in methods.items():
             if isinstance(spec, Explainer):
                 explainer = spec
@@ -470,24 +480,11 @@ def evaluate(model, x, methods: dict, *, region: int = 4, steps: int | None = No
             for s in range(0, n, eb):
                 r = explainer.explain(x[s:s + eb], target=target[s:s + eb]).relevance
                 rel[s:s + eb] = r
-            order = morf_order(rel, region)
-            f = np.empty((n, steps + 1))
-            for s in range(0, n, per_call):
-                e = min(n, s + per_call)
-                f[s:e] = perturbation_curves(forward, x[s:e], order[s:e], noises[s:e], target[s:e], region, steps,
-                                             images_per_call=per_call)
-                bar.update(e - s)
-            curves[name] = Curve(name, f)
+            curves[name] = Curve(name, curves_for(morf_order(rel, region)))
             kept[name] = rel
             del explainer
         order = np.stack([random_order(n_regions, seed, k) for k in range(n)])
-        f = np.empty((n, steps + 1))
-        for s in range(0, n, per_call):
-            e = min(n, s + per_call)
-            f[s:e] = perturbation_curves(forward, x[s:e], order[s:e], noises[s:e], target[s:e], region, steps,
-                                         images_per_call=per_call)
-            bar.update(e - s)
-        curves["random"] = Curve("random", f)
+        curves["random"] = Curve("random", curves_for(order))
 
     if compare is None:
         compare = [(k, k.replace("lrn=identity", "lrn=taylor")) for k in methods

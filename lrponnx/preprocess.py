@@ -175,16 +175,13 @@ def read_rgb(path) -> Image.Image:
 
 
 def _as_rgb_uint8(image) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise PreprocessingError(f"image must be RGB uint8 [H,W,3]; got dtype {a.dtype}")
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise PreprocessingError(f"image must be RGB uint8 [H,W,3]; got shape {a.shape}")
-    return a
+    """An RGB uint8 [H,W,3] array (gray is repeated, alpha dropped); the same check as rendering's."""
+    from .render import as_rgb_uint8
+
+    try:
+        return as_rgb_uint8(image)
+    except ValueError as e:
+        raise PreprocessingError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -279,7 +279,8 @@ def render(relevance, cmap: str = DEFAULT_CMAP, *, reduce: str = "sum", percenti
     return img
 
 
-def _as_rgb_uint8(image) -> np.ndarray:
+def as_rgb_uint8(image) -> np.ndarray:
+    """An RGB uint8 [H,W,3] array from a PIL image or an array (gray is repeated, alpha dropped)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     a = np.asarray(image)
@@ -307,7 +308,7 @@ def overlay(image, relevance, alpha: float = 0.6, *, cmap: str = DEFAULT_CMAP, r
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
     if weight not in ("magnitude", "constant"):
         raise ValueError(f"weight must be 'magnitude' or 'constant'; got {weight!r}")
-    base = _as_rgb_uint8(image)
+    base = as_rgb_uint8(image)
     h = _as_heatmap(to_heatmap(relevance, reduce))
     if symmetric is None:
         symmetric = is_diverging(cmap)
@@ -419,7 +420,7 @@ def overview(entries: Sequence[tuple[str, object, object]], *, cmap: str = DEFAU
         raise ValueError("overview needs at least one entry")
     rows, names = [], []
     for name, display, relevance in entries:
-        base = _as_rgb_uint8(display)
+        base = as_rgb_uint8(display)
         heat = render(relevance, cmap, reduce=reduce, percentile=percentile)
         if heat.size != (base.shape[1], base.shape[0]):
             heat = heat.resize((base.shape[1], base.shape[0]), Image.Resampling.NEAREST)
@@ -432,7 +433,7 @@ def overview(entries: Sequence[tuple[str, object, object]], *, cmap: str = DEFAU
 def save_png(image, path) -> Path:
     """Save a PIL image (or an RGB uint8 [H,W,3] array) as PNG, creating parent folders. Returns the path."""
     if not isinstance(image, Image.Image):
-        image = Image.fromarray(_as_rgb_uint8(image))
+        image = Image.fromarray(as_rgb_uint8(image))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     image.save(p, format="PNG")
