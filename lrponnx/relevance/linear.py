@@ -73,6 +73,11 @@ class LinearOps:
         z = g.op("MatMul", x, w, hint=f"{self.unit.name}/z_{key}")
         return g.op("Add", z, g.const(b, hint=f"{self.unit.name}/b_{key}")) if b is not None else z
 
+    def bias_const(self, key: str, b: np.ndarray) -> str:
+        """A per-output-channel constant shaped to broadcast against the layer's output."""
+        shape = (1, -1) + (1,) * (len(self.p.z_shape) - 2) if self.p.kind in ("conv", "convtranspose") else (1, -1)
+        return self.g.const(np.asarray(b, np.float32).reshape(shape), hint=f"{self.unit.name}/{key}")
+
     def vjp(self, q: str, key: str, W: np.ndarray | None) -> str:
         """``W^T q``: the gradient of ``W x`` with respect to x, shaped like x.
         ``W=None`` means the layer's own weight, read only if its initializer cannot be reused."""
@@ -189,7 +194,8 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
         xp, xn = ctx.positive_part(x), ctx.negative_part(x)
 
     def part(Wa, Wb, bias, key_a, key_b):
-        """``x+ (Wa^T q) + x- (Wb^T q)`` with ``q = R / stab(Wa x+ + bias + Wb x-)``."""
+        """``x+ (Wa^T q) + x- (Wb^T q)`` with ``q = R / stab(Wa x+ + bias + Wb x-)``.
+        (Not ``W- x + b- = z - p``: that difference cancels badly where it is the denominator.)"""
         d = ops.forward(xp, key_a, Wa, bias)
         if xn is not None:
             d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
@@ -218,16 +224,29 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
     cp, cn = b + gamma * _pos(b), b + gamma * _neg(b)
     zero = g.const(0.0)
     if ctx.nonnegative(x):
-        p = ops.forward(x, "gpos", Gp, cp)
-        n = ops.forward(x, "gneg", Gn, cn)
+        # p = G+ x + c+ = z + gamma (W+ x + b+) and n = G- x + c- = z + gamma (W- x + b-) with
+        # W- x = (z - b) - W+ x: one extra convolution (W+ x) serves both denominators.
+        wpx = ops.forward(x, "pos", _pos(W), None)
+        p = g.op("Add", z, g.op("Mul", g.const(float(gamma)), g.op("Add", wpx, ops.bias_const("bpos", _pos(b)))),
+                 hint="gamma_p")
+        wnx_b = g.op("Sub", g.op("Sub", z, wpx), ops.bias_const("bshift", b - _neg(b)))  # W- x + b-
+        n = g.op("Add", z, g.op("Mul", g.const(float(gamma)), wnx_b), hint="gamma_n")
     else:
         xp, xn = ctx.positive_part(x), ctx.negative_part(x)
         p = g.op("Add", ops.forward(xp, "gpos", Gp, cp), ops.forward(xn, "gneg", Gn, None))
         n = g.op("Add", ops.forward(xp, "gneg", Gn, cn), ops.forward(xn, "gpos", Gp, None))
-    mask_p = g.op("Cast", g.op("Greater", z, zero), to=1)
-    mask_n = g.op("Cast", g.op("Less", z, zero), to=1)
-    qp = ctx.stab_div(g.op("Mul", R, mask_p), p, epsilon, hint="q_pos")
-    qn = ctx.stab_div(g.op("Mul", R, mask_n), n, epsilon, hint="q_neg")
+    if ctx.nonnegative(x):
+        # With x >= 0: p = z + gamma (W+ x + b+) >= z and n <= z, so where z > 0 the denominator p is
+        # positive (stab(p) = p + eps) and where z < 0, n is negative (stab(n) = n - eps): the masks
+        # alone decide the signs, no sign test is needed.
+        eps = g.const(float(epsilon))
+        qp = g.op("Where", g.op("Greater", z, zero), g.op("Div", R, g.op("Add", p, eps)), zero, hint="q_pos")
+        qn = g.op("Where", g.op("Less", z, zero), g.op("Div", R, g.op("Sub", n, eps)), zero, hint="q_neg")
+    else:
+        mask_p = g.op("Cast", g.op("Greater", z, zero), to=1)
+        mask_n = g.op("Cast", g.op("Less", z, zero), to=1)
+        qp = ctx.stab_div(g.op("Mul", R, mask_p), p, epsilon, hint="q_pos")
+        qn = ctx.stab_div(g.op("Mul", R, mask_n), n, epsilon, hint="q_neg")
     if ctx.nonnegative(x):
         return g.op("Mul", x, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)), hint="r_gamma")
     rp = g.op("Mul", xp, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)))
@@ -245,9 +264,10 @@ def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low=None, high=None, 
     b_full = b.reshape((1, -1) + (1,) * (bounds.ndim - 2)) if ops.p.kind in ("conv", "convtranspose") else b
     d = g.op("Sub", z, g.const(bounds + b_full, hint=f"{ops.unit.name}/zbox_shift"), hint="zbox_d")
     q = ctx.stab_div(R, d, epsilon)
-    r = g.op("Mul", x, ops.vjp(q, "w", None))
-    r = g.op("Sub", r, g.op("Mul", g.const(lo, hint="zbox_low"), ops.vjp(q, "pos", Wp)))
-    return g.op("Sub", r, g.op("Mul", g.const(hi, hint="zbox_high"), ops.vjp(q, "neg", Wn)), hint="r_zbox")
+    # x W^T q - l W+^T q - h W-^T q = (x - l) W+^T q + (x - h) W-^T q, since W = W+ + W-: two VJPs.
+    r = g.op("Mul", g.op("Sub", x, g.const(lo, hint="zbox_low")), ops.vjp(q, "pos", Wp))
+    return g.op("Add", r, g.op("Mul", g.op("Sub", x, g.const(hi, hint="zbox_high")), ops.vjp(q, "neg", Wn)),
+                hint="r_zbox")
 
 
 def wsquare(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
