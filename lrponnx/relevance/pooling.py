@@ -75,7 +75,6 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     eps = unit.rule.params.get("epsilon", 1e-6)
     # P x = window_sum(x) / divisor. The divisor per output position follows the op's own
     # padding / count_include_pad / ceil semantics: measure it on a ones image.
-    n = len(w["kernel"])
     ones = np.ones([1, 1] + w["x_shape"][2:], np.float32)
     counted = run_op("Conv", [ones, np.ones([1, 1] + w["kernel"], np.float32)], strides=w["strides"],
                      pads=w["pads"], dilations=w["dilations"])
@@ -86,14 +85,13 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         averaged = run_op("AveragePool", [ones], opset=_opset(ctx), **node_attrs)
     divisor = counted / averaged
     q = ctx.stab_div(R, y, eps)
-    q = ctx.g.op("Div", q, ctx.g.const(divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_div"))
-    del n
+    q = ctx.g.op("Mul", q, ctx.g.const(1.0 / divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_inv_div"))
     return {x: ctx.g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")}
 
 
 @handler("MaxPool", "GlobalMaxPool", rules=("winner-take-all", "proportional"))
 def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
-    x, y = unit.inputs[0], unit.output
+    x = unit.inputs[0]
     g = ctx.g
     if unit.rule.name == "proportional":
         w = _window(ctx, unit)
