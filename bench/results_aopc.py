@@ -100,16 +100,21 @@ def activation_scale(model_path: Path, x: np.ndarray) -> float:
     """Median |pre-activation| of the conv/dense outputs: the scale that sets what a "large" epsilon is."""
     m = onnx.load(str(model_path))
     outs = [n.output[0] for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    s = _session_exposing(m, outs)
+    vals = s.run(outs, {s.get_inputs()[0].name: x[:64]})
+    return float(np.median([np.median(np.abs(v)) for v in vals]))
+
+
+def _session_exposing(m: onnx.ModelProto, names: list[str]):
+    """An ORT session of ``m`` (any batch size) that also outputs the intermediate tensors ``names``."""
     import onnxruntime as ort
 
-    for o in outs:
-        m.graph.output.append(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+    for t in names:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     m = _free(m)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    vals = s.run(outs, {s.get_inputs()[0].name: x[:64]})
-    return float(np.median([np.median(np.abs(v)) for v in vals]))
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _free(m: onnx.ModelProto) -> onnx.ModelProto:
@@ -131,8 +136,6 @@ def spec_text(node) -> str:
 
 def lrn_forward_stats(model_path: Path, x: np.ndarray) -> list[dict]:
     """For every LRN node: how far the output is from the input (the size of the normalisation)."""
-    import onnxruntime as ort
-
     from lrponnx.lrn_ops import spec_of_node
 
     m = onnx.load(str(model_path))
@@ -140,12 +143,7 @@ def lrn_forward_stats(model_path: Path, x: np.ndarray) -> list[dict]:
     names = []
     for n, _ in lrns:
         names += [n.input[0], n.output[0]]
-    for t in names:
-        m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    m = _free(m)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s = _session_exposing(m, names)
     acc = {n.name: [] for n, _ in lrns}
     for start in range(0, len(x), 100):
         vals = dict(zip(names, s.run(names, {s.get_inputs()[0].name: x[start:start + 100]})))
