@@ -64,6 +64,10 @@ class Explainer:
         rel = set(self.relevance_outputs.values())
         self.model_outputs = [o for o in outs if o not in rel and not o.startswith("lrp_")]
 
+    def _class_count(self) -> int | None:
+        shape = self.session.get_outputs()[0].shape
+        return shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+
     @property
     def classes(self) -> list[str] | None:
         names = self.metadata.get("lrponnx.classes")
@@ -84,6 +88,9 @@ class Explainer:
                 t = np.repeat(t, batch)
             if t.size != batch:
                 raise LrpOnnxError(f"target has {t.size} entries for a batch of {batch}")
+            classes = self._class_count()
+            if classes is not None and np.any(t >= classes):
+                raise LrpOnnxError(f"target {int(t.max())} is out of range: the model has {classes} classes")
             feeds[TARGET_INPUT] = t
         names = self.model_outputs + list(self.relevance_outputs.values())
         values = self.session.run(names, feeds)

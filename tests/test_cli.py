@@ -89,3 +89,21 @@ def test_missing_file_and_bad_rule(tmp_path, capsys):
 def test_console_script_runs():
     res = subprocess.run([sys.executable, "-m", "lrponnx.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "lrponnx" in res.stdout
+
+
+def test_explainer_api_targets(tmp_path):
+    import lrponnx
+
+    src = _mlp(tmp_path / "mlp.onnx")
+    ex = lrponnx.Explainer(str(src), composite="epsilon-plus")
+    x = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
+    out = ex.explain(x)
+    assert out.relevance.shape == x.shape
+    assert out.target.tolist() == out.outputs["y"].argmax(1).tolist()
+    per_sample = ex.explain(x, target=[0, -1, 2])
+    assert per_sample.target.tolist() == [0, int(out.outputs["y"][1].argmax()), 2]
+    np.testing.assert_allclose(per_sample.relevance[1], out.relevance[1], rtol=1e-6, atol=1e-7)
+    with pytest.raises(lrponnx.LrpOnnxError, match="out of range"):
+        ex.explain(x, target=3)
+    with pytest.raises(lrponnx.LrpOnnxError, match="entries"):
+        ex.explain(x, target=[0, 1])
