@@ -1,4 +1,4 @@
-"""Evaluating small constant expressions at convert time with ONNX Runtime.
+"""Evaluating small constant expressions at convert time (ONNX Runtime or onnx's reference evaluator).
 
 Some rules need numbers that do not depend on the input (flat/wsquare denominators, zbox
 bound terms, pooling divisors). They are computed once here, with the same kernels the
@@ -29,3 +29,17 @@ def run_op(op_type: str, inputs: list[np.ndarray], opset: int = 17, **attrs) -> 
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {})[0]
+
+
+def evaluate_node(node: onnx.NodeProto, inputs: dict, opset_imports, ir_version: int | None = None) -> list[np.ndarray]:
+    """Run one node on constant inputs (name -> array or TensorProto) with onnx's reference
+    evaluator, which knows every standard op: used to fold constant subgraphs."""
+    from onnx.reference import ReferenceEvaluator
+
+    inits = [v if isinstance(v, onnx.TensorProto) else numpy_helper.from_array(np.asarray(v), k)
+             for k, v in inputs.items()]
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o]
+    graph = helper.make_graph([node], "const", [], outputs, inits)
+    kwargs = {} if ir_version is None else {"ir_version": ir_version}
+    model = helper.make_model(graph, opset_imports=list(opset_imports), **kwargs)
+    return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, {})]

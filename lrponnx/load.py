@@ -102,7 +102,8 @@ def _fold_small_constants(sk: onnx.ModelProto) -> None:
     Slice, Concat... as torch exports them) by initializers, so shape inference sees the values.
     The values are computed by onnx's reference evaluator; the model's numbers do not change."""
     from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
+
+    from .evaluate import evaluate_node
 
     g = sk.graph
     known = {t.name: t for t in g.initializer}
@@ -118,17 +119,13 @@ def _fold_small_constants(sk: onnx.ModelProto) -> None:
                                 for a in node.attribute))
         if foldable:
             try:
-                model = onnx.helper.make_model(
-                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
-                                                                 for o in node.output if o],
-                                           [known[i] for i in dict.fromkeys(ins)]),
-                    opset_imports=list(sk.opset_import), ir_version=sk.ir_version)
-                values = ReferenceEvaluator(model).run(None, {})
+                values = evaluate_node(node, {i: known[i] for i in dict.fromkeys(ins)}, sk.opset_import,
+                                       sk.ir_version)
             except Exception:
                 values = None
-            if values is not None and all(np.asarray(v).nbytes <= SKELETON_BYTES for v in values):
+            if values is not None and all(v.nbytes <= SKELETON_BYTES for v in values):
                 for o, v in zip([o for o in node.output if o], values):
-                    t = numpy_helper.from_array(np.asarray(v), o)
+                    t = numpy_helper.from_array(v, o)
                     g.initializer.append(t)
                     known[o] = t
                 continue
@@ -205,7 +202,6 @@ def _measure_shapes(sk: onnx.ModelProto, model: onnx.ModelProto) -> None:
     padding, which ONNX Runtime (like Caffe and PyTorch) drops; every shape after it is then off.
     Shapes do not depend on weight values: the skeleton runs with zeros for its large weights.
     """
-    import numpy as np
     import onnxruntime as ort
 
     g = sk.graph

@@ -61,18 +61,12 @@ class ModelView:
         return arr
 
     def _evaluate(self, node: onnx.NodeProto, wanted: str) -> np.ndarray:
-        from onnx.reference import ReferenceEvaluator
+        from .evaluate import evaluate_node
 
         inputs = {i: self.value(i) for i in node.input if i}
-        graph = helper.make_graph(
-            [node], "const", [],
-            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
-            [numpy_helper.from_array(np.asarray(v), k) for k, v in inputs.items()],
-        )
-        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
-        outs = ReferenceEvaluator(model).run(None, {})
+        outs = evaluate_node(node, inputs, self.model.opset_import)
         for o, v in zip([o for o in node.output if o], outs):
-            self._values[o] = np.asarray(v)
+            self._values[o] = v
         return self._values[wanted]
 
     # -- shapes --------------------------------------------------------------------------------
