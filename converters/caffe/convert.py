@@ -552,6 +552,16 @@ def _h_inner_product(c: _Ctx) -> list[list[int]]:
     return [out_shape]
 
 
+def _pool_pair(layer: _Layer, p, field: str) -> tuple[int, int]:
+    """PoolingParameter's ``pad``/``stride``: one value for both axes, or ``<field>_h`` and ``<field>_w``."""
+    if p.HasField(f"{field}_h") or p.HasField(f"{field}_w"):
+        if p.HasField(field):
+            raise layer.err(f"give {field} OR {field}_h and {field}_w")
+        return getattr(p, f"{field}_h"), getattr(p, f"{field}_w")
+    value = getattr(p, field)
+    return value, value
+
+
 def _pool_geometry(layer: _Layer, s: list[int]) -> dict:
     p = layer.param("pooling_param")
     if len(s) != 4:
@@ -567,18 +577,8 @@ def _pool_geometry(layer: _Layer, s: list[int]) -> dict:
         if has_size == has_hw:
             raise layer.err("give kernel_size OR kernel_h and kernel_w")
         kh, kw = (p.kernel_size, p.kernel_size) if has_size else (p.kernel_h, p.kernel_w)
-    if p.HasField("pad_h") or p.HasField("pad_w"):
-        if p.HasField("pad"):
-            raise layer.err("give pad OR pad_h and pad_w")
-        ph, pw = p.pad_h, p.pad_w
-    else:
-        ph = pw = p.pad
-    if p.HasField("stride_h") or p.HasField("stride_w"):
-        if p.HasField("stride"):
-            raise layer.err("give stride OR stride_h and stride_w")
-        sh, sw = p.stride_h, p.stride_w
-    else:
-        sh = sw = p.stride
+    ph, pw = _pool_pair(layer, p, "pad")
+    sh, sw = _pool_pair(layer, p, "stride")
     if kh <= 0 or kw <= 0:
         raise layer.err("kernel size must be positive")
     if sh <= 0 or sw <= 0:
