@@ -22,6 +22,8 @@ class GraphBuilder:
         self._taken: set[str] = set()
         self._counter = 0
         self._scalars: dict[tuple, str] = {}
+        self._declared = {v.name for v in graph.value_info}
+        self._io = {v.name for v in list(graph.input) + list(graph.output)}
         self._take_existing_names()
 
     def _take_existing_names(self) -> None:
@@ -75,6 +77,23 @@ class GraphBuilder:
                                 domain=domain or None, **attrs)
         self.graph.node.append(node)
         return outs[0] if outputs == 1 else outs
+
+    def declare(self, name: str, type_proto: onnx.TypeProto) -> None:
+        """Record the type and shape of an emitted tensor as value_info.
+
+        ONNX Runtime's layout optimiser keeps a chain of ops in its fast blocked (NCHWc) layout
+        only where it can prove two inputs have the same shape; a symbolic batch dimension that
+        inference loses on the way (e.g. through the target one-hot or a scatter) breaks that
+        proof, and every elementwise op then pays a layout reorder."""
+        if name in self._declared or name in self._io:
+            return
+        self._declared.add(name)
+        vi = self.graph.value_info.add()
+        vi.name = name
+        vi.type.CopyFrom(type_proto)
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param.startswith("unk__"):  # onnx's placeholder for "unknown": not a real name
+                d.ClearField("dim_param")
 
     def output(self, name: str, elem_type: int, shape) -> None:
         self.graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))

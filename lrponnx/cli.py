@@ -45,7 +45,8 @@ def cmd_convert(args) -> int:
     from .compiler import convert
     from .files import save_model
 
-    explainer = convert(args.model, layer_relevance=args.layer_relevance, **rule_kwargs(args))
+    # The weights stay on disk until save_model copies them: memory stays below twice the model.
+    explainer = convert(args.model, layer_relevance=args.layer_relevance, lazy_weights=True, **rule_kwargs(args))
     save_model(explainer, args.output, external_data=True if args.external_data else None)
     print(f"wrote {args.output} ({args.composite}, LRN {args.lrn_rule})")
     return 0
@@ -56,7 +57,7 @@ def cmd_inspect(args) -> int:
 
     kw = rule_kwargs(args)
     kw.pop("seed")
-    p = plan(args.model, **kw)
+    p = plan(args.model, lazy_weights=True, **kw)
     on_path = {id(u) for u in _path(p)}
     rows = [("#", "node", "op", "rule", "notes")]
     for u in p.units:

@@ -62,9 +62,10 @@ def find_logits(view: ModelView) -> str:
 
 def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
          low=None, high=None, rules=(), lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6,
-         lrn_denominator: str = "sum") -> Plan:
-    """Prepare the model and assign rules, without emitting anything (``lrponnx inspect``)."""
-    model = prepare(model)
+         lrn_denominator: str = "sum", lazy_weights: bool = False) -> Plan:
+    """Prepare the model and assign rules, without emitting anything (``lrponnx inspect``).
+    ``lazy_weights``: see :func:`convert`."""
+    model = prepare(model, lazy_weights)
     view = ModelView(model)
     logits = find_logits(view)
     units = build_units(view)
@@ -140,17 +141,23 @@ def _why_unsupported(u: Unit) -> str:
 
 def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
-            lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum") -> onnx.ModelProto:
+            lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum",
+            lazy_weights: bool = False) -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
 
     The explainer keeps the model's inputs and outputs, adds an optional int64 ``target`` input
     (per sample; absent or -1 means the argmax) and one float32 relevance output per model input
     (``relevance``, or ``relevance_<input>`` for several inputs).
+
+    ``lazy_weights`` (a path with external data only): leave the model's weights on disk; the
+    explainer then refers to them there and must be written with :func:`lrponnx.files.save_model`,
+    which copies them. This is how ``lrponnx convert`` keeps its memory below twice the model's size.
     """
     if seed not in SEEDS:
         raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
     p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
-             lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator)
+             lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator,
+             lazy_weights=lazy_weights)
     if p.offenders:
         raise UnsupportedModelError(p.offenders)
     explainer = p.model  # prepare() made our own copy: extend it in place
@@ -181,7 +188,7 @@ def _check(explainer: onnx.ModelProto, original) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         error = e
     try:
-        src = original if isinstance(original, onnx.ModelProto) else read_model(original)
+        src = original if isinstance(original, onnx.ModelProto) else read_model(original, lazy_weights=True)
         onnx.checker.check_model(skeleton(src)[0], full_check=True)
         original_passes = True
     except Exception:
@@ -223,6 +230,8 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
     g, table = ctx.g, load_handlers()
     incoming: dict[str, list[str]] = defaultdict(list)
     incoming[logits].append(R0)
+    if logits in ctx.view.types:
+        g.declare(R0, ctx.view.types[logits])
     offenders: list[Offender] = []
 
     def total(t: str) -> str | None:
@@ -254,6 +263,8 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
             exposed.extend((f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i)) for i, r in handed.items())
         for t, r in handed.items():
             incoming[t].append(r)
+            if t in ctx.view.types:  # relevance has the shape of the tensor it belongs to
+                g.declare(r, ctx.view.types[t])
     return {t: total(t) for t in ctx.view.inputs}, offenders
 
 

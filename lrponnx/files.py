@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 #: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
@@ -30,32 +31,94 @@ def atomic_path(path):
 
 def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> Path:
     """Save atomically; large models (or ``external_data=True``) keep weights in ``<name>.data``.
-    Saving with external data moves the weights of the in-memory ``model`` out to the file."""
+
+    Saving with external data moves the weights of the in-memory ``model`` out to the file.
+    Tensors that still live in another file (read with ``lazy_weights``) are copied file to
+    file, in the kernel where it can, so the weights never pass through memory as a whole; such
+    a model is always saved with external data.
+    """
     path = Path(path)
     if external_data is None:
-        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(_external_tensors(model))
     if not external_data:
         with atomic_path(path) as tmp:
             tmp.write_bytes(model.SerializeToString())
         return path
     data_name = path.name + ".data"
     with atomic_path(path.parent / data_name) as tmp_data:
-        # onnx writes the data file next to the model under the given location name
-        staging = tmp_data.parent / (tmp_data.name + ".onnx")
-        try:
-            onnx.save_model(model, str(staging), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            fixed = onnx.load_model(str(staging), load_external_data=False)
-            for t in _external_tensors(fixed):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            with atomic_path(path) as tmp_model:
-                tmp_model.write_bytes(fixed.SerializeToString())
-        finally:
-            if staging.exists():
-                staging.unlink()
+        with open(tmp_data, "wb", buffering=0) as out:
+            for t in _weight_tensors(model):
+                _write_tensor(t, out, data_name)
+        with atomic_path(path) as tmp_model:
+            tmp_model.write_bytes(model.SerializeToString())
     return path
+
+
+#: Tensors at most this large stay inside the .onnx file (as onnx's own saver does).
+INLINE_BYTES = 1024
+#: Offsets in the data file are aligned to this, so ONNX Runtime can map the weights directly.
+ALIGN = 4096
+
+
+def _weight_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return [t for t in _get_all_tensors(model) if t.data_type != onnx.TensorProto.STRING]
+
+
+def _write_tensor(t: onnx.TensorProto, out, data_name: str) -> None:
+    """Append one tensor's bytes to the data file ``out`` (unbuffered) and point the tensor at them."""
+    from onnx import numpy_helper
+
+    from .load import _nbytes, _set_external
+
+    external = t.data_location == onnx.TensorProto.EXTERNAL
+    if not external and _nbytes(t) <= INLINE_BYTES:
+        return
+    offset = -(-out.seek(0, os.SEEK_END) // ALIGN) * ALIGN
+    if external:
+        info = {e.key: e.value for e in t.external_data}
+        length = int(info["length"]) if "length" in info else _nbytes(t)
+        _copy_range(info["location"], int(info.get("offset", 0)), length, out, offset)
+    else:
+        if t.HasField("raw_data"):
+            data = t.raw_data
+        else:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+            data = numpy_helper.to_array(t).astype(dtype).tobytes()
+        _write_all(out, offset, data)
+        length = len(data)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            t.ClearField(field)
+    _set_external(t, data_name, offset, length)
+
+
+def _write_all(out, offset: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(out.fileno(), view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(src: str, offset: int, length: int, out, dst_offset: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of file ``src`` to ``dst_offset`` of ``out``: in the
+    kernel where it can (no user-space buffer at all), else in 16 MiB chunks."""
+    with open(src, "rb", buffering=0) as f:
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(f.fileno(), out.fileno(), length - done, offset + done, dst_offset + done)
+                if n == 0:
+                    break
+                done += n
+        except (AttributeError, OSError):  # no copy_file_range here (or not across these files)
+            pass
+        while done < length:
+            chunk = os.pread(f.fileno(), min(16 << 20, length - done), offset + done)
+            if not chunk:
+                raise OSError(f"{src}: ended {length - done} bytes early")
+            _write_all(out, dst_offset + done, chunk)
+            done += len(chunk)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

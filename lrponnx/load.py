@@ -24,8 +24,14 @@ MIN_OPSET = 17
 CEIL_POOL_OPSET = 22
 
 
-def read_model(src) -> onnx.ModelProto:
-    """Read a path or take a ModelProto. External data is loaded from beside the file."""
+def read_model(src, lazy_weights: bool = False) -> onnx.ModelProto:
+    """Read a path or take a ModelProto. External data is loaded from beside the file.
+
+    ``lazy_weights``: leave external data on disk. Each external tensor then points at its file
+    by absolute path; :func:`tensor_array` reads one when a rule needs its values, and
+    :func:`lrponnx.files.save_model` copies the untouched ones file to file. A VGG16-sized model
+    is then never held in memory as a whole (the ModelProto of such a model is only the graph).
+    """
     if isinstance(src, onnx.ModelProto):
         return src
     path = Path(os.fspath(src))
@@ -43,10 +49,68 @@ def read_model(src) -> onnx.ModelProto:
         # protobuf parses many foreign byte strings into an empty message without complaint
         raise InvalidModelError(f"{path}: not an ONNX model (no graph found; is the file truncated?)")
     try:
-        onnx.load_external_data_for_model(model, str(path.parent))
+        if lazy_weights:
+            _pin_external_data(model, path.parent)
+        else:
+            onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise InvalidModelError(f"{path}: cannot read its external data ({e})") from None
     return model
+
+
+def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
+    """Point every external initializer at its file by absolute path, after checking that the
+    file holds the bytes it should; external tensors elsewhere (rare) are loaded."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, load_external_data_for_tensor
+
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = ExternalDataInfo(t)
+        file = (base / info.location).resolve()
+        if not file.is_file():
+            raise OSError(f"tensor {t.name!r}: data file {info.location!r} not found beside the model")
+        need = _nbytes(t)
+        offset = info.offset or 0
+        length = info.length if info.length is not None else need
+        if length != need or offset + length > file.stat().st_size:
+            raise ValueError(f"tensor {t.name!r}: {info.location!r} is too short or the wrong size "
+                             f"(needs {need} bytes at offset {offset})")
+        _set_external(t, str(file), offset, length)
+    for t in _get_all_tensors(model):  # the rest (e.g. Constant attributes): load them
+        if t.data_location == onnx.TensorProto.EXTERNAL and not os.path.isabs(ExternalDataInfo(t).location):
+            load_external_data_for_tensor(t, str(base))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+
+
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """The value of an initializer, read from disk if it is external (see ``lazy_weights``).
+    Unlike onnx's own helpers this never stores the data into the TensorProto."""
+    from onnx import numpy_helper
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    count = _nbytes(t) // dtype.itemsize
+    arr = np.fromfile(info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    return arr.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(t.dims))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -56,13 +120,13 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise InvalidModelError("the model imports no default-domain ('ai.onnx') opset")
 
 
-def prepare(src) -> onnx.ModelProto:
+def prepare(src, lazy_weights: bool = False) -> onnx.ModelProto:
     """Read, check, upgrade to at least :data:`MIN_OPSET`, infer shapes, name every node.
 
     All graph work runs on a skeleton without the large weights, so nothing here serialises
     them (a VGG16-sized model converts in seconds, and is held in memory once).
     """
-    model = read_model(src)
+    model = read_model(src, lazy_weights)
     if isinstance(src, onnx.ModelProto):  # never modify the caller's model
         model = onnx.ModelProto()
         model.CopyFrom(src)

@@ -10,7 +10,9 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from .load import tensor_array
 
 
 class ModelView:
@@ -52,7 +54,7 @@ class ModelView:
         if name in self._values:
             return self._values[name]
         if name in self.initializers:  # not cached: large weights are read when needed, then freed
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_array(self.initializers[name])
         if name in self.producer:
             arr = self._evaluate(self.producer[name], name)
         else:

@@ -107,3 +107,60 @@ def test_explainer_api_targets(tmp_path):
         ex.explain(x, target=3)
     with pytest.raises(lrponnx.LrpOnnxError, match="entries"):
         ex.explain(x, target=[0, 1])
+
+
+# -- external data: `convert` leaves the weights on disk and copies them file to file ------------
+
+def _external_cnn(tmp_path):
+    """A small CNN (conv weights > 1 KiB) saved with every tensor in one external data file."""
+    rng = np.random.default_rng(3)
+    W1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "W1")
+    b1 = numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1")
+    W2 = numpy_helper.from_array(rng.normal(0, 0.3, (5, 8 * 6 * 6)).astype(np.float32), "W2")
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "W2"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], [W1, b1, W2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "src" / "cnn.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.ModelProto.FromString(m.SerializeToString()), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    return m, src
+
+
+def test_convert_external_data_model_equals_in_memory_conversion(tmp_path):
+    import lrponnx
+
+    model, src = _external_cnn(tmp_path)
+    out = tmp_path / "out" / "ex.onnx"
+    out.parent.mkdir()
+    assert main(["convert", str(src), "-o", str(out), "--composite", "epsilon-plus-flat"]) == 0
+    saved = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in saved.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"ex.onnx.data"}  # the weights were copied beside the explainer, not referenced
+    (tmp_path / "src" / "weights.bin").unlink()  # the explainer does not need the source any more
+    x = np.random.default_rng(4).normal(size=(3, 3, 6, 6)).astype(np.float32)
+    from_cli = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    eager = lrponnx.convert(model, composite="epsilon-plus-flat")
+    in_memory = ort.InferenceSession(eager.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(from_cli, in_memory):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_convert_with_broken_external_data_fails_cleanly(tmp_path, capsys, damage):
+    _, src = _external_cnn(tmp_path)
+    data = tmp_path / "src" / "weights.bin"
+    if damage == "missing":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:-100])
+    out = tmp_path / "ex.onnx"
+    assert main(["convert", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "external data" in err and "weights.bin" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "ex.onnx.data").exists()

@@ -72,6 +72,18 @@ def _pow_neg(ctx: Ctx, b: str, beta: float) -> str:
     return g.op("Exp", g.op("Mul", g.op("Log", b), g.const(-beta)), hint="lrn_b_pow")
 
 
+def _denominator_nonnegative(ctx: Ctx, x: str, spec: LrnSpec, denominator: str) -> bool:
+    """D_c >= 0 wherever x >= 0 (e.g. after a ReLU), so stab(D) = D + eps needs no sign test.
+
+    With u = s_c - b_c >= 0 and t = u / b_c: D_c = z_cc - 2 beta x_c s_c^(-beta-1) u
+    = z_cc (1 - 2 beta t / (1+t)^(1+beta)), and for beta <= 1 the subtracted fraction is at most
+    1/2 (its maximum, at t = 1/beta, is 2 / (1 + 1/beta)^(1+beta)): D_c >= z_cc / 2 >= 0, far from
+    any rounding. ``y`` (denominator=output) has the sign of x for any beta."""
+    if not ctx.nonnegative(x) or spec.k <= 0 or spec.a < 0:
+        return False
+    return denominator == "output" or spec.beta <= 1.0
+
+
 @handler("LRN", rules=("taylor", "identity"))
 def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
     x, y = unit.inputs[0], unit.output
@@ -97,7 +109,7 @@ def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
     else:  # z_cc - 2 beta x_c s_c^(-beta-1) a (S_c - x_c^2), with a (S_c - x_c^2) = s_c - b_c
         D = g.op("Sub", z_self, g.op("Mul", g.op("Mul", x_s, g.op("Sub", s, b)), g.const(2.0 * spec.beta)),
                  hint="lrn_D")
-    q = ctx.stab_div(R, D, eps, hint="lrn_q")
+    q = ctx.stab_div(R, D, eps, hint="lrn_q", nonnegative=_denominator_nonnegative(ctx, x, spec, denominator))
     u = g.op("Mul", x_s, q, hint="lrn_u")
     # sum over {c : i in N(c), c != i} of u_c: the mirrored window's sum minus the centre
     T = g.op("Sub", g.op("Mul", _window_mean(ctx, u, spec, rank, mirrored=True), g.const(float(entries))), u,
