@@ -58,10 +58,11 @@ class LinearOps:
         return out
 
     # -- the two linear maps -----------------------------------------------------------------------
-    def forward(self, x: str, key: str, W: np.ndarray, b: np.ndarray | None) -> str:
-        """``W x + b`` for substitute weights (b None: no bias)."""
+    def forward(self, x: str, key: str, W: np.ndarray, b: np.ndarray | None, stab: bool = False) -> str:
+        """``W x + b`` for substitute weights (b None: no bias; ``stab``: b includes the stabiliser)."""
         g, p = self.g, self.p
         w = self.weight(key, W)
+        key = f"{key}_stab" if stab else key
         bias = [g.const(b, hint=f"{self.unit.name}/b_{key}")] if b is not None else []
         if p.kind == "conv":
             return g.op("Conv", x, w, *bias, hint=f"{self.unit.name}/z_{key}", **self._conv_attrs())
@@ -196,11 +197,17 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
     def part(Wa, Wb, bias, key_a, key_b):
         """``x+ (Wa^T q) + x- (Wb^T q)`` with ``q = R / stab(Wa x+ + bias + Wb x-)``.
         (Not ``W- x + b- = z - p``: that difference cancels badly where it is the denominator.)"""
-        d = ops.forward(xp, key_a, Wa, bias)
-        if xn is not None:
-            d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
-        # After a ReLU (no x-), the positive part W+ x + b+ cannot be negative.
-        q = ctx.stab_div(R, d, epsilon, nonnegative=xn is None and key_a == "pos")
+        if xn is None and epsilon > 0:
+            # After a ReLU (no x-) the sign of W+ x + b+ (>= 0) or W- x + b- (<= 0) is known, so the
+            # stabiliser is a constant: it goes into the bias and the divide reads the conv directly.
+            # (Where d = 0 every term of the sum is 0, so the sign of eps there changes nothing.)
+            d = ops.forward(xp, key_a, Wa, bias + (epsilon if key_a == "pos" else -epsilon), stab=True)
+            q = g.op("Div", R, d, hint="q")
+        else:
+            d = ops.forward(xp, key_a, Wa, bias)
+            if xn is not None:
+                d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
+            q = ctx.stab_div(R, d, epsilon)
         r = g.op("Mul", xp, ops.vjp(q, key_a, Wa))
         if xn is not None:
             r = g.op("Add", r, g.op("Mul", xn, ops.vjp(q, key_b, Wb)))
@@ -234,11 +241,13 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         # positive one, so |n| >= gamma |W- x + b-| >= gamma/2 of the sum of |terms|, while z and p
         # carry errors of eps_float times that sum: relative error <= 2 (2 + gamma) / gamma eps_float
         # (2e-6 at gamma = 0.25). Small gammas take the second convolution instead.
-        p = ops.forward(x, "gpos", Gp, cp)
+        # Both carry their stabiliser already (x >= 0: see below): p + eps through the bias, and
+        # n - eps = (2 + gamma) z - (p + eps).
+        p = ops.forward(x, "gpos", Gp, cp + epsilon, stab=True)
         if gamma >= GAMMA_SHORTCUT:
             n = g.op("Sub", g.op("Mul", z, g.const(2.0 + float(gamma))), p, hint="gamma_n")
         else:
-            n = ops.forward(x, "gneg", Gn, cn)
+            n = ops.forward(x, "gneg", Gn, cn - epsilon, stab=True)
     else:
         xp, xn = ctx.positive_part(x), ctx.negative_part(x)
         p = g.op("Add", ops.forward(xp, "gpos", Gp, cp), ops.forward(xn, "gneg", Gn, None))
@@ -247,9 +256,8 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         # With x >= 0: p = z + gamma (W+ x + b+) >= z and n <= z, so where z > 0 the denominator p is
         # positive (stab(p) = p + eps) and where z < 0, n is negative (stab(n) = n - eps): the masks
         # alone decide the signs, no sign test is needed.
-        eps = g.const(float(epsilon))
-        qp = g.op("Where", g.op("Greater", z, zero), g.op("Div", R, g.op("Add", p, eps)), zero, hint="q_pos")
-        qn = g.op("Where", g.op("Less", z, zero), g.op("Div", R, g.op("Sub", n, eps)), zero, hint="q_neg")
+        qp = g.op("Where", g.op("Greater", z, zero), g.op("Div", R, p), zero, hint="q_pos")
+        qn = g.op("Where", g.op("Less", z, zero), g.op("Div", R, n), zero, hint="q_neg")
     else:
         mask_p = g.op("Cast", g.op("Greater", z, zero), to=1)
         mask_n = g.op("Cast", g.op("Less", z, zero), to=1)
