@@ -108,6 +108,10 @@ def write_markdown(res: dict, out: Path) -> None:
         add(f"| {CASES.get(row['model'], row['model'])} | {row['composite']} | {row['batch']} | {_ms(f)} | {_ms(e)} | "
             f"{ratio} | {tgt} | {_ms(z)} | {zr} | {ztgt} | {_ms(tf) if tf else '—'} |")
     add("")
+    add("Where a target is missed, `docs/decisions.md` (section *Speed*) says what the explainer's time goes "
+        "to, what each change bought and which alternatives were measured and dropped. The forward pass is "
+        "timed in its own process, so its run-to-run spread (a few percent on this VM) moves the ratio too.")
+    add("")
     nonfinite = [row for row in res["bench"] for k in ("explainer", "zennit")
                  if row.get(k) and row[k].get("relevance_finite") is False]
     for row in nonfinite:
