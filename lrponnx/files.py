@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .load import set_external_location, tensor_nbytes
+
 #: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
 #: (protobuf cannot hold 2 GiB, and serialising a large model in one piece doubles the memory).
 EXTERNAL_DATA_THRESHOLD = 512 << 20
@@ -56,7 +58,7 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
 
 #: Tensors at most this large stay inside the .onnx file (as onnx's own saver does).
 INLINE_BYTES = 1024
-#: Offsets in the data file are aligned to this, so ONNX Runtime can map the weights directly.
+#: Offsets in the data file are aligned to 4 KiB pages, so a runtime may map the weights instead of copying them.
 ALIGN = 4096
 
 
@@ -70,15 +72,14 @@ def _write_tensor(t: onnx.TensorProto, out, data_name: str) -> None:
     """Append one tensor's bytes to the data file ``out`` (unbuffered) and point the tensor at them."""
     from onnx import numpy_helper
 
-    from .load import _nbytes, _set_external
-
     external = t.data_location == onnx.TensorProto.EXTERNAL
-    if not external and _nbytes(t) <= INLINE_BYTES:
+    if not external and tensor_nbytes(t) <= INLINE_BYTES:
         return
-    offset = -(-out.seek(0, os.SEEK_END) // ALIGN) * ALIGN
+    end = os.fstat(out.fileno()).st_size
+    offset = (end + ALIGN - 1) // ALIGN * ALIGN
     if external:
         info = {e.key: e.value for e in t.external_data}
-        length = int(info["length"]) if "length" in info else _nbytes(t)
+        length = int(info["length"]) if "length" in info else tensor_nbytes(t)
         _copy_range(info["location"], int(info.get("offset", 0)), length, out, offset)
     else:
         if t.HasField("raw_data"):
@@ -90,7 +91,7 @@ def _write_tensor(t: onnx.TensorProto, out, data_name: str) -> None:
         length = len(data)
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             t.ClearField(field)
-    _set_external(t, data_name, offset, length)
+    set_external_location(t, data_name, offset, length)
 
 
 def _write_all(out, offset: int, data: bytes) -> None:
@@ -123,13 +124,7 @@ def _copy_range(src: str, offset: int, length: int, out, dst_offset: int) -> Non
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all initializers, from their shapes (cheap: nothing is serialised)."""
-    total = 0
-    for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -70,13 +70,13 @@ def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
         file = (base / info.location).resolve()
         if not file.is_file():
             raise OSError(f"tensor {t.name!r}: data file {info.location!r} not found beside the model")
-        need = _nbytes(t)
+        need = tensor_nbytes(t)
         offset = info.offset or 0
         length = info.length if info.length is not None else need
         if length != need or offset + length > file.stat().st_size:
             raise ValueError(f"tensor {t.name!r}: {info.location!r} is too short or the wrong size "
                              f"(needs {need} bytes at offset {offset})")
-        _set_external(t, str(file), offset, length)
+        set_external_location(t, str(file), offset, length)
     for t in _get_all_tensors(model):  # the rest (e.g. Constant attributes): load them
         if t.data_location == onnx.TensorProto.EXTERNAL and not os.path.isabs(ExternalDataInfo(t).location):
             load_external_data_for_tensor(t, str(base))
@@ -84,7 +84,8 @@ def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
             del t.external_data[:]
 
 
-def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def set_external_location(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Mark ``t`` as stored in file ``location`` (relative to the model, or absolute) at ``offset``."""
     del t.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         e = t.external_data.add()
@@ -92,7 +93,7 @@ def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) 
     t.data_location = onnx.TensorProto.EXTERNAL
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
+def tensor_nbytes(t: onnx.TensorProto) -> int:
     n = 1
     for d in t.dims:
         n *= d
@@ -108,7 +109,7 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
-    count = _nbytes(t) // dtype.itemsize
+    count = tensor_nbytes(t) // dtype.itemsize
     arr = np.fromfile(info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
     return arr.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(t.dims))
 

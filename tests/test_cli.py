@@ -164,3 +164,30 @@ def test_convert_with_broken_external_data_fails_cleanly(tmp_path, capsys, damag
     err = capsys.readouterr().err
     assert "external data" in err and "weights.bin" in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "ex.onnx.data").exists()
+
+
+def test_save_model_external_keeps_every_tensor_encoding(tmp_path):
+    """float_data / int64_data / raw_data initializers (and small inline ones) survive the
+    external-data writer bit for bit."""
+    from lrponnx.files import save_model
+
+    rng = np.random.default_rng(5)
+    W = rng.normal(size=(40, 30)).astype(np.float32)
+    b = rng.normal(size=40).astype(np.float32)
+    shape = np.array([-1, 40], np.int64)
+    inits = [helper.make_tensor("W", TensorProto.FLOAT, W.shape, W.ravel().tolist()),     # float_data
+             numpy_helper.from_array(b, "b"),                                               # raw_data, < 1 KiB
+             helper.make_tensor("shape", TensorProto.INT64, [2], shape.tolist())]          # int64_data
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1),
+                           helper.make_node("Reshape", ["h", "shape"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 30])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 40])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 30)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = save_model(m, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size >= W.nbytes
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+    loaded = onnx.load(str(out))
+    np.testing.assert_array_equal(numpy_helper.to_array([t for t in loaded.graph.initializer if t.name == "W"][0]), W)

@@ -8,7 +8,6 @@ ceil mode and dilation.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
