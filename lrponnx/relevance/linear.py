@@ -256,8 +256,16 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         # With x >= 0: p = z + gamma (W+ x + b+) >= z and n <= z, so where z > 0 the denominator p is
         # positive (stab(p) = p + eps) and where z < 0, n is negative (stab(n) = n - eps): the masks
         # alone decide the signs, no sign test is needed.
-        qp = g.op("Where", g.op("Greater", z, zero), g.op("Div", R, p), zero, hint="q_pos")
-        qn = g.op("Where", g.op("Less", z, zero), g.op("Div", R, n), zero, hint="q_neg")
+        # Masks by Mul with a cast (ORT's Where is ~4x slower than a Mul: -5 % on GoogLeNet). The
+        # denominators are first clamped away from zero (by eps, or the smallest normal float when
+        # eps = 0) so that the quotients the masks drop are finite; the clamp changes nothing where
+        # the masks keep them (there p + eps > eps and n - eps < -eps).
+        eps = g.const(float(epsilon)) if epsilon > 0 else g.const(np.finfo(np.float32).tiny)
+        neg_eps = g.const(-float(epsilon)) if epsilon > 0 else g.const(-np.finfo(np.float32).tiny)
+        qp = g.op("Mul", g.op("Div", R, g.op("Max", p, eps)), g.op("Cast", g.op("Greater", z, zero), to=1),
+                  hint="q_pos")
+        qn = g.op("Mul", g.op("Div", R, g.op("Min", n, neg_eps)), g.op("Cast", g.op("Less", z, zero), to=1),
+                  hint="q_neg")
     else:
         mask_p = g.op("Cast", g.op("Greater", z, zero), to=1)
         mask_n = g.op("Cast", g.op("Less", z, zero), to=1)

@@ -84,7 +84,7 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         node_attrs = {k: v for k, v in unit.info.items()}
         averaged = run_op("AveragePool", [ones], opset=_opset(ctx), **node_attrs)
     divisor = counted / averaged
-    q = ctx.stab_div(R, y, eps)
+    q = ctx.stab_div(R, y, eps, nonnegative=ctx.nonnegative(x))  # an average of x >= 0 is >= 0
     q = ctx.g.op("Mul", q, ctx.g.const(1.0 / divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_inv_div"))
     return {x: ctx.g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")}
 
@@ -95,7 +95,8 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     g = ctx.g
     if unit.rule.name == "proportional":
         w = _window(ctx, unit)
-        q = ctx.stab_div(R, _window_sum(ctx, w, x), unit.rule.params.get("epsilon", 1e-6))
+        q = ctx.stab_div(R, _window_sum(ctx, w, x), unit.rule.params.get("epsilon", 1e-6),
+                         nonnegative=ctx.nonnegative(x))
         return {x: g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_maxpool")}
     # Winner-take-all = the gradient of max pooling: each output's relevance goes to the
     # input position its max came from; overlapping windows add up (ScatterElements 'add').
