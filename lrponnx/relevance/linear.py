@@ -235,14 +235,14 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
     cp, cn = b + gamma * _pos(b), b + gamma * _neg(b)
     zero = g.const(0.0)
     if ctx.nonnegative(x):
-        # p = G+ x + c+ is one convolution with the modified weights. n is used only where z < 0,
-        # and since p + n = 2z + gamma z, n = (2 + gamma) z - p there: two elementwise ops instead of
-        # a second convolution. Its rounding error: where z < 0 the negative part outweighs the
-        # positive one, so |n| >= gamma |W- x + b-| >= gamma/2 of the sum of |terms|, while z and p
-        # carry errors of eps_float times that sum: relative error <= 2 (2 + gamma) / gamma eps_float
-        # (2e-6 at gamma = 0.25). Small gammas take the second convolution instead.
-        # Both carry their stabiliser already (x >= 0: see below): p + eps through the bias, and
-        # n - eps = (2 + gamma) z - (p + eps).
+        # With x >= 0: p = G+ x + c+ >= z and n = G- x + c- <= z, so where z > 0 (the only place p
+        # is used) p > 0 and stab(p) = p + eps, and where z < 0, stab(n) = n - eps: no sign tests.
+        # p is one convolution with the modified weights, the stabiliser in its bias. Since
+        # p + n = (2 + gamma) z, n - eps = (2 + gamma) z - (p + eps): two elementwise ops instead of
+        # a second convolution. Rounding: where z < 0 the negative part outweighs the positive one,
+        # so |n| >= gamma/2 of the sum of |terms| while z and p carry errors of eps_float times that
+        # sum: relative error <= 2 (2 + gamma) / gamma eps_float (2e-6 at gamma = 0.25). Small
+        # gammas take the second convolution instead.
         p = ops.forward(x, "gpos", Gp, cp + epsilon, stab=True)
         if gamma >= GAMMA_SHORTCUT:
             n = g.op("Sub", g.op("Mul", z, g.const(2.0 + float(gamma))), p, hint="gamma_n")
@@ -253,9 +253,6 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         p = g.op("Add", ops.forward(xp, "gpos", Gp, cp), ops.forward(xn, "gneg", Gn, None))
         n = g.op("Add", ops.forward(xp, "gneg", Gn, cn), ops.forward(xn, "gpos", Gp, None))
     if ctx.nonnegative(x):
-        # With x >= 0: p = z + gamma (W+ x + b+) >= z and n <= z, so where z > 0 the denominator p is
-        # positive (stab(p) = p + eps) and where z < 0, n is negative (stab(n) = n - eps): the masks
-        # alone decide the signs, no sign test is needed.
         # Masks by Mul with a cast (ORT's Where is ~4x slower than a Mul: -5 % on GoogLeNet). The
         # denominators are first clamped away from zero (by eps, or the smallest normal float when
         # eps = 0) so that the quotients the masks drop are finite; the clamp changes nothing where
