@@ -301,12 +301,13 @@ def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6
     ones = np.ones(ops.p.weight_shape, np.float32)
     # 1^T (R / stab(1 . 1)): padding is zero in the ones input, so it does not count.
     den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
-    q = ctx.stab_div_const(R, den, epsilon)
     if ops.p.kind == "conv" and ops.p.attrs["group"] == 1:
         # With all-ones weights every input channel gets the same value: sum q over the output
-        # channels first, then spread one channel through a ones kernel and broadcast it.
+        # channels first, then spread one channel through a ones kernel and broadcast it. The
+        # denominator is the same in every output channel, so R is summed before the divide
+        # (one full-size pass less on the largest tensor of most networks).
         g = ctx.g
-        q1 = g.op("ReduceSum", q, g.ints([1]), keepdims=1, hint="flat_qsum")
+        q1 = ctx.stab_div_const(g.op("ReduceSum", R, g.ints([1]), keepdims=1, hint="flat_rsum"), den[:, :1], epsilon)
         ops1 = LinearOps.__new__(LinearOps)
         ops1.__dict__.update(ops.__dict__, _weights={})
         ops1.p = copy.copy(ops.p)
@@ -314,7 +315,7 @@ def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6
         ops1.p.x_shape = [ops.p.x_shape[0], 1] + list(ops.p.x_shape[2:])
         spread = ops1.vjp(q1, "ones1", ops1.p.W)
         return g.op("Expand", spread, g.op("Shape", x), hint="r_flat")
-    return ops.vjp(q, "ones", ones)
+    return ops.vjp(ctx.stab_div_const(R, den, epsilon), "ones", ones)
 
 
 RULE_FUNCTIONS = {"epsilon": epsilon, "zplus": zplus, "alpha-beta": alpha_beta, "gamma": gamma,
