@@ -61,7 +61,8 @@ def read_model(src, lazy_weights: bool = False) -> onnx.ModelProto:
 def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
     """Point every external initializer at its file by absolute path, after checking that the
     file holds the bytes it should; external tensors elsewhere (rare) are loaded."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, load_external_data_for_tensor
+    from onnx.external_data_helper import (ExternalDataInfo, _get_all_tensors, _open_external_data_fd,
+                                           load_external_data_for_tensor)
 
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -70,6 +71,9 @@ def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
         file = (base / info.location).resolve()
         if not file.is_file():
             raise OSError(f"tensor {t.name!r}: data file {info.location!r} not found beside the model")
+        # onnx's own checks on where a location may point (not absolute, not outside the model's
+        # folder), as its eager loader applies them: a model must not make us copy other files.
+        os.close(_open_external_data_fd(str(base), info.location, t.name, True))
         need = tensor_nbytes(t)
         offset = info.offset or 0
         length = info.length if info.length is not None else need

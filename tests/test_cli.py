@@ -191,3 +191,22 @@ def test_save_model_external_keeps_every_tensor_encoding(tmp_path):
     np.testing.assert_array_equal(got, want)
     loaded = onnx.load(str(out))
     np.testing.assert_array_equal(numpy_helper.to_array([t for t in loaded.graph.initializer if t.name == "W"][0]), W)
+
+
+@pytest.mark.parametrize("where", ["outside", "absolute"])
+def test_convert_refuses_external_data_outside_the_model_folder(tmp_path, capsys, where):
+    """The same rule as onnx's loader: a model cannot make `convert` copy an arbitrary file."""
+    _, src = _external_cnn(tmp_path)
+    secret = tmp_path / "secret.bin"
+    (tmp_path / "src" / "weights.bin").rename(secret)
+    m = onnx.load(str(src), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret.bin" if where == "outside" else str(secret)
+    onnx.save(m, str(src))
+    out = tmp_path / "ex.onnx"
+    assert main(["convert", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "external data" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "ex.onnx.data").exists()
