@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from . import __version__
 from .errors import LrpOnnxError
 

@@ -68,19 +68,20 @@ def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = ExternalDataInfo(t)
-        file = (base / info.location).resolve()
-        if not file.is_file():
-            raise OSError(f"tensor {t.name!r}: data file {info.location!r} not found beside the model")
-        # onnx's own checks on where a location may point (not absolute, not outside the model's
-        # folder), as its eager loader applies them: a model must not make us copy other files.
-        os.close(_open_external_data_fd(str(base), info.location, t.name, True))
+        # onnx's own opener, as its eager loader uses it: the file must exist, and the location may
+        # not be absolute or point outside the model's folder (a model must not make us copy other files).
+        fd = _open_external_data_fd(str(base), info.location, t.name, True)
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
         need = tensor_nbytes(t)
         offset = info.offset or 0
         length = info.length if info.length is not None else need
-        if length != need or offset + length > file.stat().st_size:
+        if length != need or offset + length > size:
             raise ValueError(f"tensor {t.name!r}: {info.location!r} is too short or the wrong size "
                              f"(needs {need} bytes at offset {offset})")
-        set_external_location(t, str(file), offset, length)
+        set_external_location(t, str((base / info.location).resolve()), offset, length)
     for t in _get_all_tensors(model):  # the rest (e.g. Constant attributes): load them
         if t.data_location == onnx.TensorProto.EXTERNAL and not os.path.isabs(ExternalDataInfo(t).location):
             load_external_data_for_tensor(t, str(base))
@@ -98,6 +99,7 @@ def set_external_location(t: onnx.TensorProto, location: str, offset: int, lengt
 
 
 def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its shape and type (nothing is read)."""
     n = 1
     for d in t.dims:
         n *= d

@@ -169,13 +169,10 @@ def _logits_name(model: onnx.ModelProto) -> str:
     meta = {p.key: p.value for p in model.metadata_props}
     if "lrponnx.logits" in meta:                         # an explainer knows what it explains
         return meta["lrponnx.logits"]
-    if not model.graph.output:
-        raise LrpOnnxError("the model has no outputs")
-    out = model.graph.output[0].name
-    for node in model.graph.node:
-        if out in node.output and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
-            return node.input[0]
-    return out
+    from .compiler import find_logits                    # the same choice as the compiler's
+    from .view import ModelView
+
+    return find_logits(ModelView(model))
 
 
 def _forward_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:

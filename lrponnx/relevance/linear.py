@@ -58,11 +58,10 @@ class LinearOps:
         return out
 
     # -- the two linear maps -----------------------------------------------------------------------
-    def forward(self, x: str, key: str, W: np.ndarray, b: np.ndarray | None, stab: bool = False) -> str:
-        """``W x + b`` for substitute weights (b None: no bias; ``stab``: b includes the stabiliser)."""
+    def forward(self, x: str, key: str, W: np.ndarray, b: np.ndarray | None) -> str:
+        """``W x + b`` for substitute weights (b None: no bias)."""
         g, p = self.g, self.p
         w = self.weight(key, W)
-        key = f"{key}_stab" if stab else key
         bias = [g.const(b, hint=f"{self.unit.name}/b_{key}")] if b is not None else []
         if p.kind == "conv":
             return g.op("Conv", x, w, *bias, hint=f"{self.unit.name}/z_{key}", **self._conv_attrs())
@@ -201,7 +200,7 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
             # After a ReLU (no x-) the sign of W+ x + b+ (>= 0) or W- x + b- (<= 0) is known, so the
             # stabiliser is a constant: it goes into the bias and the divide reads the conv directly.
             # (Where d = 0 every term of the sum is 0, so the sign of eps there changes nothing.)
-            d = ops.forward(xp, key_a, Wa, bias + (epsilon if key_a == "pos" else -epsilon), stab=True)
+            d = ops.forward(xp, key_a, Wa, bias + (epsilon if key_a == "pos" else -epsilon))
             q = g.op("Div", R, d, hint="q")
         else:
             d = ops.forward(xp, key_a, Wa, bias)
@@ -243,11 +242,11 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         # so |n| >= gamma/2 of the sum of |terms| while z and p carry errors of eps_float times that
         # sum: relative error <= 2 (2 + gamma) / gamma eps_float (2e-6 at gamma = 0.25). Small
         # gammas take the second convolution instead.
-        p = ops.forward(x, "gpos", Gp, cp + epsilon, stab=True)
+        p = ops.forward(x, "gpos", Gp, cp + epsilon)
         if gamma >= GAMMA_SHORTCUT:
             n = g.op("Sub", g.op("Mul", z, g.const(2.0 + float(gamma))), p, hint="gamma_n")
         else:
-            n = ops.forward(x, "gneg", Gn, cn - epsilon, stab=True)
+            n = ops.forward(x, "gneg", Gn, cn - epsilon)
     else:
         xp, xn = ctx.positive_part(x), ctx.negative_part(x)
         p = g.op("Add", ops.forward(xp, "gpos", Gp, cp), ops.forward(xn, "gneg", Gn, None))
