@@ -6,7 +6,8 @@ invent tensor names or remember to register an initializer.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -69,14 +70,47 @@ class GraphBuilder:
 
     # -- nodes ---------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, hint: str | None = None, outputs: int = 1,
-           domain: str = "", **attrs) -> str | list[str]:
-        """Append one node; returns its output name (or names when ``outputs > 1``)."""
+           domain: str = "", output: str | None = None, **attrs) -> str | list[str]:
+        """Append one node; returns its output name (or names when ``outputs > 1``).
+        ``output``: write to exactly this (existing) name, for a node that replaces its producer."""
         hint = hint or op_type.lower()
-        outs = [self.fresh(hint if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
+        if output is not None:
+            outs = [output]
+        else:
+            outs = [self.fresh(hint if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
         node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"node/{hint}"),
                                 domain=domain or None, **attrs)
         self.graph.node.append(node)
         return outs[0] if outputs == 1 else outs
+
+    @contextmanager
+    def detached(self) -> Iterator[list]:
+        """Nodes appended inside the block are taken out of the graph again and collected in the
+        yielded list, to be put in place of a forward node by :meth:`replace_nodes`."""
+        start = len(self.graph.node)
+        taken: list = []
+        yield taken
+        for n in self.graph.node[start:]:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            taken.append(copy)
+        del self.graph.node[start:]
+
+    def replace_nodes(self, replacements: dict[str, list]) -> None:
+        """Put ``replacements[t]`` where the node producing tensor ``t`` stands (that node goes).
+        The replacements must read only tensors available there (inputs, initializers, earlier
+        forward tensors), so the graph stays topologically sorted."""
+        if not replacements:
+            return
+        nodes = []
+        for n in self.graph.node:
+            new = replacements.get(n.output[0]) if n.output else None
+            if new is None:
+                new = [onnx.NodeProto()]
+                new[0].CopyFrom(n)  # a copy: the originals go with the clear below
+            nodes.extend(new)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
 
     def declare(self, name: str, type_proto: onnx.TypeProto) -> None:
         """Record the type and shape of an emitted tensor as value_info.

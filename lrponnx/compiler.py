@@ -142,7 +142,7 @@ def _why_unsupported(u: Unit) -> str:
 def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
             lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum",
-            lazy_weights: bool = False) -> onnx.ModelProto:
+            lazy_weights: bool = False, exact_forward: bool = False) -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
 
     The explainer keeps the model's inputs and outputs, adds an optional int64 ``target`` input
@@ -152,6 +152,10 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     ``lazy_weights`` (a path with external data only): leave the model's weights on disk; the
     explainer then refers to them there and must be written with :func:`lrponnx.files.save_model`,
     which copies them. This is how ``lrponnx convert`` keeps its memory below twice the model's size.
+
+    ``exact_forward``: keep every forward node as it is, so the predictions are bit-identical to
+    the model's. By default an ONNX ``LRN`` node is recomputed with the plain ops its rule shares
+    (about twice as fast in ONNX Runtime; equal to float rounding), see ``relevance/lrn.py``.
     """
     if seed not in SEEDS:
         raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
@@ -162,17 +166,18 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         raise UnsupportedModelError(p.offenders)
     explainer = p.model  # prepare() made our own copy: extend it in place
     g = GraphBuilder(explainer.graph)
-    ctx = Ctx(g, p.view, {})
+    ctx = Ctx(g, p.view, {"exact_forward": exact_forward})
     R0 = _emit_seed(g, p.view, p.logits, seed)
     exposed: list = [] if layer_relevance else None
     relevance, offenders = emit_relevance(ctx, p.units, p.logits, R0, exposed)
     if offenders:
         raise UnsupportedModelError(offenders)
     names = _emit_outputs(g, p.view, relevance)
+    g.replace_nodes(ctx.forward)  # after emission: the view reads the original forward nodes
     for name, tensor, shape in exposed or []:  # after the model's outputs and `relevance`
         g.identity(tensor, name)
         g.output(name, TensorProto.FLOAT, shape)
-    _write_metadata(explainer, p, composite, seed, names)
+    _write_metadata(explainer, p, composite, seed, names, sorted(ctx.forward))
     _check(explainer, model)
     return explainer
 
@@ -291,7 +296,8 @@ def _dim(view: ModelView, x: str, k: int, d):
     return t.dim_param or None
 
 
-def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, names: dict) -> None:
+def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, names: dict,
+                    recomputed: list) -> None:
     rules = {u.name: str(u.rule) for u in p.units if u.rule is not None}
     meta = {
         "lrponnx.version": __version__,
@@ -301,6 +307,7 @@ def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, 
         "lrponnx.target_input": TARGET_INPUT,
         "lrponnx.relevance_outputs": json.dumps(names),
         "lrponnx.rules": json.dumps(rules),
+        "lrponnx.forward_recomputed": json.dumps(recomputed),  # forward tensors made by other ops
     }
     existing = {m.key: m for m in model.metadata_props}
     for k, v in meta.items():

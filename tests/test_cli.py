@@ -46,6 +46,30 @@ def test_convert_writes_a_runnable_explainer(tmp_path, capsys):
     assert r.shape == x.shape and np.isfinite(r).all()
 
 
+def test_convert_exact_forward_keeps_the_lrn_node(tmp_path):
+    rng = np.random.default_rng(2)
+    W = numpy_helper.from_array(rng.normal(size=(4 * 3 * 3, 5)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]),
+                           helper.make_node("LRN", ["h"], ["n"], size=3, alpha=0.1, beta=0.75, bias=1.0),
+                           helper.make_node("Flatten", ["n"], ["f"]),
+                           helper.make_node("MatMul", ["f", "W"], ["y"])], "lrn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], [W])
+    src = tmp_path / "lrn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    x = rng.normal(size=(2, 4, 3, 3)).astype(np.float32) * 3
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    for flag, lrn_nodes in (([], 0), (["--exact-forward"], 1)):
+        out = tmp_path / f"ex{lrn_nodes}.onnx"
+        assert main(["convert", str(src), "-o", str(out)] + flag) == 0
+        assert sum(n.op_type == "LRN" for n in onnx.load(str(out)).graph.node) == lrn_nodes
+        y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+        if lrn_nodes:
+            np.testing.assert_array_equal(y, want)
+        else:
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
 def test_inspect_lists_rules_and_offenders(tmp_path, capsys):
     src = _mlp(tmp_path / "bad.onnx", unknown_ops=2)
     assert main(["inspect", str(src)]) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import warnings
 
 import numpy as np
@@ -373,6 +374,40 @@ def test_neighbours_get_negative_relevance_after_relu(region, n, window):
             assert R_in[idx] == 0, idx
     ref = reference(np.maximum(x, 0), R_out, region=region, n=n, alpha=0.02, beta=0.75, k=1.0, lo=lo, hi=hi)
     assert rel_l2(R_in, ref["R_in"][0]) <= TOL
+
+
+FORWARD = [("across", 5, 1e-4, 0.75, 1.0), ("across", 4, 1e-3, 0.5, 2.0), ("across", 3, 0.05, 1.0, 1.5),
+           ("across", 5, 0.05, 0.6, 1.5), ("within", 3, 1e-3, 0.75, 1.0), ("within", 3, 5e-3, 0.9, 1.0)]
+
+
+@pytest.mark.parametrize("region,n,alpha,beta,k", FORWARD)
+@pytest.mark.parametrize("lrn_rule", ["taylor", "identity"])
+def test_recomputed_forward_lrn_matches_reference(region, n, alpha, beta, k, lrn_rule):
+    """By default the explainer computes the LRN output itself (plain ops shared with the rule):
+    no LRN node is left, y matches the float64 formula, and so do the predictions the model's."""
+    x = _conv_input(5) * (1.0 if alpha < 1e-2 else 0.1)
+    model = conv_net(region, n, alpha, beta, k)
+    explainer = lrponnx.convert(model, lrn_rule=lrn_rule, layer_relevance=True)
+    assert not [nd for nd in explainer.graph.node if nd.op_type in ("LRN", "WithinChannelLRN")]
+    assert json.loads({m.key: m.value for m in explainer.metadata_props}["lrponnx.forward_recomputed"]) == ["y"]
+    out = run(explainer, {"x": x}, extra=["h", "y"])
+    lo, hi = onnx_window(n) if region == "across" else ((n - 1) // 2, (n - 1) // 2)
+    ref = reference(out["h"], np.zeros_like(out["h"]), region=region, n=n, alpha=alpha, beta=beta, k=k, lo=lo, hi=hi)
+    assert rel_l2(out["y"], ref["y"]) <= 1e-6
+    assert rel_l2(out["logits"], run(model, {"x": x})["logits"]) <= 1e-6
+
+
+def test_exact_forward_keeps_the_model_lrn_node():
+    x = _conv_input(6)
+    model = conv_net("across", 5, 1e-4, 0.75, 1.0, lrn2=("within", 3, 1e-3, 0.75, 1.0))
+    exact = lrponnx.convert(model, exact_forward=True)
+    assert sorted(nd.op_type for nd in exact.graph.node if nd.op_type in ("LRN", "WithinChannelLRN")) == \
+        ["LRN", "WithinChannelLRN"]
+    assert {m.key: m.value for m in exact.metadata_props}["lrponnx.forward_recomputed"] == "[]"
+    got, want = run(exact, {"x": x}), run(model, {"x": x})
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    fast = run(lrponnx.convert(model), {"x": x})
+    assert rel_l2(fast["relevance"], got["relevance"]) <= 1e-5
 
 
 def test_identity_rule_hands_relevance_through():

@@ -12,7 +12,7 @@ Where things live:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -45,11 +45,16 @@ def handler(*kinds: str, rules: tuple[str, ...] = ("pass",)):
 
 @dataclass
 class Ctx:
-    """What a handler may use: the graph builder, the read-only view, and small shared helpers."""
+    """What a handler may use: the graph builder, the read-only view, and small shared helpers.
+
+    ``options``: compile options (``exact_forward``). ``forward``: forward nodes a handler
+    computes itself because it needs their parts anyway, ``{output tensor: replacement nodes}``;
+    the compiler puts them in place of the original node at the end (only LRN does this)."""
 
     g: GraphBuilder
     view: ModelView
     options: dict
+    forward: dict = field(default_factory=dict)
 
     # -- the stabilised divide shared by every rule ----------------------------------------------
     def stab_div(self, R: str, d: str, eps: float, hint: str = "q", nonnegative: bool = False) -> str:
