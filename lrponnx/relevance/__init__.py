@@ -1,8 +1,8 @@
 """Op -> relevance subgraph: one handler per unit kind, registered in one table.
 
 A handler gets the emission context, the unit and the name of the relevance tensor at the
-unit's output, and returns ``{input tensor: relevance tensor}`` for the inputs that receive
-relevance. A new op is one new function with ``@handler("OpType", rules=(...))``.
+unit's output, and returns ``{input tensor: relevance}`` for the inputs that receive relevance;
+a relevance is a tensor name or a :class:`Product` (``x * factor`` left for the compiler). A new op is one new function with ``@handler("OpType", rules=(...))``.
 
 Where things live:
 - linear layers (epsilon, zplus, alpha-beta, gamma, zbox, wsquare, flat): ``linear.py``
@@ -20,6 +20,17 @@ import numpy as np
 from ..builder import GraphBuilder
 from ..units import Unit
 from ..view import ModelView
+
+
+@dataclass(frozen=True)
+class Product:
+    """Relevance ``x * factor``, handed back unmultiplied: the rules of most linear layers end in
+    this product, and where several of them read the same ``x`` (the branches of an inception
+    block) the compiler multiplies once, ``x * (factor_1 + factor_2 + ...)``: one full-size pass
+    instead of one per branch."""
+
+    x: str
+    factor: str
 
 
 class Unsupported(Exception):

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import RuleError
 from ..evaluate import run_op
 from ..units import Unit
-from . import Ctx, Unsupported, handler
+from . import Ctx, Product, Unsupported, handler
 
 LINEAR_RULES = ("epsilon", "zplus", "alpha-beta", "gamma", "zbox", "wsquare", "flat")
 
@@ -179,7 +179,7 @@ def _neg(a):
 
 def epsilon(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     q = ctx.stab_div(R, z, epsilon)
-    return ctx.g.op("Mul", x, ops.vjp(q, "w", None), hint="r_eps")
+    return Product(x, ops.vjp(q, "w", None))
 
 
 def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 2.0, beta: float = 1.0,
@@ -207,6 +207,8 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
             if xn is not None:
                 d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
             q = ctx.stab_div(R, d, epsilon)
+        if xn is None and alpha == 1.0 and beta == 0.0:
+            return Product(xp, ops.vjp(q, key_a, Wa))  # z+ after a ReLU: x (W+^T q)
         r = g.op("Mul", xp, ops.vjp(q, key_a, Wa))
         if xn is not None:
             r = g.op("Add", r, g.op("Mul", xn, ops.vjp(q, key_b, Wb)))
@@ -268,7 +270,7 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         qp = ctx.stab_div(g.op("Mul", R, mask_p), p, epsilon, hint="q_pos")
         qn = ctx.stab_div(g.op("Mul", R, mask_n), n, epsilon, hint="q_neg")
     if ctx.nonnegative(x):
-        return g.op("Mul", x, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)), hint="r_gamma")
+        return Product(x, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn), hint="gamma_vjp"))
     rp = g.op("Mul", xp, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)))
     rn = g.op("Mul", xn, g.op("Add", ops.vjp(qp, "gneg", Gn), ops.vjp(qn, "gpos", Gp)))
     return g.op("Add", rp, rn, hint="r_gamma")
