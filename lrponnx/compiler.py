@@ -23,7 +23,7 @@ from .builder import GraphBuilder
 from .composites import RuleOptions, assign_rules, parse_override
 from .errors import InvalidModelError, Offender, RuleError, UnsupportedModelError
 from .load import first_line, prepare, read_model, skeleton
-from .relevance import Ctx, Product, Unsupported, load_handlers
+from .relevance import Ctx, Unsupported, combine, load_handlers
 from .units import Unit, build_units
 from .view import ModelView
 
@@ -243,10 +243,8 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
         parts = incoming.get(t)
         if not parts:
             return None
-        if len(parts) > 1 or isinstance(parts[0], Product):
-            incoming[t] = [_sum_parts(g, parts)]
-            if t in ctx.view.types:
-                g.declare(incoming[t][0], ctx.view.types[t])
+        if len(parts) > 1 or not isinstance(parts[0], str):
+            incoming[t] = [combine(g, parts, ctx.view.types.get(t))]
         return incoming[t][0]
 
     for u in reversed(units):
@@ -265,29 +263,16 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
         except Unsupported as e:
             offenders.append(Offender(u.name, u.op_type, str(e)))
             handed = {i: R or incoming[extra[0]][0] for i in u.inputs if ctx.view.is_float(i)}
-        if exposed is not None and R is not None:
-            exposed.append((f"lrp_out/{u.name}", R, ctx.view.shape(u.output)))
-            exposed.extend((f"lrp_in/{u.name}/{i}", _sum_parts(g, [r]), ctx.view.shape(i)) for i, r in handed.items())
+        if exposed is not None:  # every relevance as a tensor of its own (no merging across units)
+            handed = {t: r if isinstance(r, str) else combine(g, [r]) for t, r in handed.items()}
+            if R is not None:
+                exposed.append((f"lrp_out/{u.name}", R, ctx.view.shape(u.output)))
+                exposed.extend((f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i)) for i, r in handed.items())
         for t, r in handed.items():
             incoming[t].append(r)
-            if t in ctx.view.types:  # relevance (and a product's factor) has the shape of its tensor
-                g.declare(r.factor if isinstance(r, Product) else r, ctx.view.types[t])
+            if isinstance(r, str) and t in ctx.view.types:  # relevance has the shape of its tensor
+                g.declare(r, ctx.view.types[t])
     return {t: total(t) for t in ctx.view.inputs}, offenders
-
-
-def _sum_parts(g: GraphBuilder, parts: list) -> str:
-    """The sum of the relevance parts one tensor receives. Products with the same ``x`` share one
-    multiply: ``x * (f1 + f2)`` (ORT keeps the factors' Sum in its blocked layout)."""
-    dense, factors = [], defaultdict(list)
-    for r in parts:
-        if isinstance(r, Product):
-            factors[r.x].append(r.factor)
-        else:
-            dense.append(r)
-    for x, fs in factors.items():
-        f = fs[0] if len(fs) == 1 else g.op("Sum", *fs, hint="r_factor_sum")
-        dense.append(g.op("Mul", x, f, hint="r_times_x"))
-    return dense[0] if len(dense) == 1 else g.op("Sum", *dense, hint="r_sum")
 
 
 def _emit_outputs(g: GraphBuilder, view: ModelView, relevance: dict) -> dict:

@@ -24,13 +24,42 @@ from ..view import ModelView
 
 @dataclass(frozen=True)
 class Product:
-    """Relevance ``x * factor``, handed back unmultiplied: the rules of most linear layers end in
-    this product, and where several of them read the same ``x`` (the branches of an inception
-    block) the compiler multiplies once, ``x * (factor_1 + factor_2 + ...)``: one full-size pass
-    instead of one per branch."""
+    """Relevance ``x * (t_1 + t_2 + ...)``, handed back unmultiplied.
+
+    The rules of most linear layers end in this product. Where several of them read the same
+    ``x`` (the branches of an inception block) :func:`combine` multiplies once, and terms that
+    know how to merge (vector-Jacobian products with the same geometry, see ``linear.Vjp``)
+    become one convolution over their concatenated inputs. A term is a tensor name or an object
+    with ``emit()``, ``merge_key`` (None: never merged) and ``emit_group(terms)``."""
 
     x: str
-    factor: str
+    terms: tuple
+
+
+def combine(g: GraphBuilder, parts: list, type_proto=None) -> str:
+    """The sum of the relevance parts one tensor receives (tensor names and Products)."""
+    dense, by_x = [], {}
+    for r in parts:
+        if isinstance(r, Product):
+            by_x.setdefault(r.x, []).extend(r.terms)
+        else:
+            dense.append(r)
+    for x, terms in by_x.items():
+        tensors = [t for t in terms if isinstance(t, str)]
+        groups: dict = {}
+        for t in terms:
+            if not isinstance(t, str):
+                groups.setdefault(t.merge_key if t.merge_key is not None else id(t), []).append(t)
+        for group in groups.values():
+            tensors.append(group[0].emit() if len(group) == 1 else type(group[0]).emit_group(group))
+        f = tensors[0] if len(tensors) == 1 else g.op("Sum", *tensors, hint="r_factor_sum")
+        dense.append(g.op("Mul", x, f, hint="r_times_x"))
+        if type_proto is not None:
+            g.declare(f, type_proto)
+    out = dense[0] if len(dense) == 1 else g.op("Sum", *dense, hint="r_sum")
+    if type_proto is not None:
+        g.declare(out, type_proto)
+    return out
 
 
 class Unsupported(Exception):

@@ -10,6 +10,7 @@ When the input is provably non-negative (after a ReLU) the x- terms are zero and
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -90,10 +91,8 @@ class LinearOps:
                 # Stride 1: the backward pass is a plain Conv with in/out swapped per group, the
                 # kernel flipped and padding d(k-1)-p, which ORT runs faster than ConvTranspose.
                 a = self.p.attrs
-                n = W.ndim - 2
-                pads = [a["dilations"][i % n] * (W.shape[2 + i % n] - 1) - a["pads"][i] for i in range(2 * n)]
                 return g.op("Conv", q, self.weight(f"{key}_flipped", flipped_transpose(W, a["group"])), hint=hint,
-                            pads=pads, dilations=a["dilations"], group=a["group"])
+                            pads=self._flipped_pads(), dilations=a["dilations"], group=a["group"])
             return g.op("ConvTranspose", q, self.weight(key, W), hint=hint,
                         output_padding=self._vjp_output_padding(), **self._conv_attrs())
         if p.kind == "convtranspose":
@@ -105,6 +104,11 @@ class LinearOps:
         if p.kind == "gemm":
             return g.op("MatMul", q, self.weight(key, W), hint=hint)
         return g.op("MatMul", q, self.weight(f"{key}_T", np.ascontiguousarray(W.T)), hint=hint)
+
+    def _flipped_pads(self) -> list[int]:
+        a, k = self.p.attrs, self.p.weight_shape[2:]
+        n = len(k)
+        return [a["dilations"][i % n] * (k[i % n] - 1) - a["pads"][i] for i in range(2 * n)]
 
     def _vjp_as_conv(self) -> bool:
         a, shape = self.p.attrs, self.p.weight_shape
@@ -132,6 +136,47 @@ class LinearOps:
         if shape is None or any(d is None for d in shape[1:]):
             raise Unsupported("this rule needs a static input shape past the batch dimension")
         return [1] + list(shape[1:])
+
+
+@dataclass(frozen=True, eq=False)
+class Vjp:
+    """``W^T q`` of one layer, emitted when the compiler sums the relevance of ``x`` (a term of a
+    :class:`Product`). Convolutions (group 1) with the same geometry that feed the same ``x`` are
+    merged: ``sum_b W_b^T q_b`` is one convolution of the concatenated ``q_b`` with the weights
+    stacked along their output channels, one GEMM instead of several plus their sum (the 1x1
+    branches of an inception block; the two halves of the gamma rule)."""
+
+    ops: LinearOps
+    q: str
+    key: str
+    W: np.ndarray | None  # None: the layer's own weight
+
+    def emit(self) -> str:
+        return self.ops.vjp(self.q, self.key, self.W)
+
+    @property
+    def merge_key(self):
+        p = self.ops.p
+        if p.kind != "conv" or p.attrs["group"] != 1:
+            return None
+        as_conv = self.ops._vjp_as_conv()
+        geometry = self.ops._flipped_pads() if as_conv else self.ops._vjp_output_padding()
+        return ("conv", as_conv, tuple(p.weight_shape[2:]), tuple(p.attrs["strides"]), tuple(p.attrs["pads"]),
+                tuple(p.attrs["dilations"]), tuple(geometry), tuple(p.x_shape[1:]))
+
+    @staticmethod
+    def emit_group(terms: list["Vjp"]) -> str:
+        first = terms[0].ops
+        g, a = first.g, first.p.attrs
+        q = g.op("Concat", *[t.q for t in terms], axis=1, hint="vjp_q_cat")
+        Ws = [np.asarray(t.W if t.W is not None else t.ops.p.W, np.float32) for t in terms]
+        names = "+".join(t.ops.unit.name for t in terms)
+        if first._vjp_as_conv():  # flipped kernels [C, M_b, k]: stack along axis 1
+            W = np.concatenate([flipped_transpose(W, 1) for W in Ws], axis=1)
+            return g.op("Conv", q, g.const(W, hint=f"{names}/W_merged_flipped"), pads=first._flipped_pads(),
+                        dilations=a["dilations"], hint="vjp_merged")
+        return g.op("ConvTranspose", q, g.const(np.concatenate(Ws, axis=0), hint=f"{names}/W_merged"),
+                    output_padding=first._vjp_output_padding(), hint="vjp_merged", **first._conv_attrs())
 
 
 class _LazyWeight:
@@ -179,7 +224,7 @@ def _neg(a):
 
 def epsilon(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     q = ctx.stab_div(R, z, epsilon)
-    return Product(x, ops.vjp(q, "w", None))
+    return Product(x, (Vjp(ops, q, "w", None),))
 
 
 def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 2.0, beta: float = 1.0,
@@ -208,7 +253,7 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
                 d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
             q = ctx.stab_div(R, d, epsilon)
         if xn is None and alpha == 1.0 and beta == 0.0:
-            return Product(xp, ops.vjp(q, key_a, Wa))  # z+ after a ReLU: x (W+^T q)
+            return Product(xp, (Vjp(ops, q, key_a, Wa),))  # z+ after a ReLU: x (W+^T q)
         r = g.op("Mul", xp, ops.vjp(q, key_a, Wa))
         if xn is not None:
             r = g.op("Add", r, g.op("Mul", xn, ops.vjp(q, key_b, Wb)))
@@ -270,7 +315,7 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
         qp = ctx.stab_div(g.op("Mul", R, mask_p), p, epsilon, hint="q_pos")
         qn = ctx.stab_div(g.op("Mul", R, mask_n), n, epsilon, hint="q_neg")
     if ctx.nonnegative(x):
-        return Product(x, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn), hint="gamma_vjp"))
+        return Product(x, (Vjp(ops, qp, "gpos", Gp), Vjp(ops, qn, "gneg", Gn)))
     rp = g.op("Mul", xp, g.op("Add", ops.vjp(qp, "gpos", Gp), ops.vjp(qn, "gneg", Gn)))
     rn = g.op("Mul", xn, g.op("Add", ops.vjp(qp, "gneg", Gn), ops.vjp(qn, "gpos", Gp)))
     return g.op("Add", rp, rn, hint="r_gamma")
