@@ -480,6 +480,43 @@ def dag_net(seed=41) -> Net:
     ])
 
 
+def siblings_net(seed=43) -> Net:
+    """Four convolutions reading the same tensor (an inception block's stem): three 1x1 with
+    different rules, one padded 3x3; their VJPs into r1 are merged by geometry."""
+    gen(seed)
+    return Net([
+        linear("c1", "input", nn.Conv2d(3, 5, 3, padding=1), "zplus"),
+        act("r1", "c1", nn.ReLU()),
+        linear("a", "r1", nn.Conv2d(5, 4, 1), "zplus"),
+        linear("b", "r1", nn.Conv2d(5, 3, 1), ("gamma", {"gamma": 0.25})),
+        linear("c", "r1", nn.Conv2d(5, 2, 1), "epsilon"),
+        linear("d", "r1", nn.Conv2d(5, 3, 3, padding=1), "zplus"),
+        concat("cat", ["a", "b", "c", "d"], dim=1),
+        act("r2", "cat", nn.ReLU()),
+        reshape("f", "r2", lambda t: t.reshape(t.shape[0], -1)),
+        linear("fc", "f", nn.Linear(12 * 6 * 6, 4), EPS),
+    ])
+
+
+@pytest.mark.parametrize("kind", ["mixed", "positive"])
+def test_sibling_vjps_merged(kind):
+    net = siblings_net()
+    x = inputs((2, 3, 6, 6), kind)
+    model = to_onnx(net, x)
+    conv = {w: n.name for n in model.graph.node if n.op_type == "Conv" for w in n.input[1:2]}
+    by_step = {}
+    for t in model.graph.initializer:
+        for step in "abcd":
+            if numpy_helper.to_array(t).tobytes() == net.mods[step].weight.detach().float().numpy().tobytes():
+                by_step[step] = conv[t.name]
+    rules = [f"{by_step['a']}=zplus", f"{by_step['b']}=gamma:gamma=0.25", f"{by_step['c']}=epsilon",
+             f"{by_step['d']}=zplus"]
+    explainer = lrponnx.convert(model, composite="epsilon-plus", rules=rules)
+    merged = [n for n in explainer.graph.node if n.output[0].startswith("lrp/vjp_merged")]
+    assert len(merged) == 1  # a, b (both halves) and c: five W^T q in one convolution
+    check("VJPs merged across sibling layers", net, x, model, composite="epsilon-plus", rules=rules)
+
+
 def _constant_pads(model: onnx.ModelProto, pads: list[int]) -> onnx.ModelProto:
     """torch exports F.pad's pads as a small constant subgraph (ConstantOfShape, Slice, ...);
     replace it by an initializer so that shape inference sees the Pad's output shape."""
