@@ -108,6 +108,24 @@ def write_markdown(res: dict, out: Path) -> None:
         add(f"| {CASES.get(row['model'], row['model'])} | {row['composite']} | {row['batch']} | {_ms(f)} | {_ms(e)} | "
             f"{ratio} | {tgt} | {_ms(z)} | {zr} | {ztgt} | {_ms(tf) if tf else '—'} |")
     add("")
+    parts = [row for row in res["bench"] if _ok(row.get("forward_part")) and _ok(row.get("forward"))
+             and _ok(row.get("explainer"))]
+    if parts:
+        add("The explainer computes LRN layers with the plain ops its LRN rule shares (`relevance/lrn.py`) instead "
+            "of ONNX Runtime's LRN kernel, which is slow. For comparison, the explainer's own forward part (the "
+            "explainer cut down to the model's outputs, `bench/worker.py ort-explainer-forward`), and the ratios "
+            "against it:")
+        add("")
+        add("| model | batch | ORT forward (model) | explainer's forward part | explainer / its forward part |")
+        add("|---|---:|---:|---:|---|")
+        seen = {}
+        for row in parts:
+            seen.setdefault((row["model"], row["batch"]), []).append(row)
+        for (model, batch), rows in seen.items():
+            fp = rows[0]["forward_part"]
+            ratios = ", ".join(f"{r['composite']} {r['explainer']['median_s'] / fp['median_s']:.2f}" for r in rows)
+            add(f"| {CASES.get(model, model)} | {batch} | {_ms(rows[0]['forward'])} | {_ms(fp)} | {ratios} |")
+        add("")
     add("Where a target is missed, `docs/decisions.md` (section *Speed*) says what the explainer's time goes "
         "to, what each change bought and which alternatives were measured and dropped. The forward pass is "
         "timed in its own process, so its run-to-run spread (a few percent on this VM) moves the ratio too.")

@@ -367,8 +367,14 @@ def main(argv=None) -> int:
             log(f"{name} batch {batch}")
             fwd = worker("ort-forward", model=m["path"], batch=batch, **common)
             _say("ORT forward", fwd)
+            first = explainers.get((name, composites[0])) if composites else None
+            fwd_part = (worker("ort-explainer-forward", model=m["path"], explainer=first, batch=batch, **common)
+                        if first else None)
+            if fwd_part:
+                _say("explainer's forward part", fwd_part)
             for ci, comp in enumerate(composites):
-                row = {"model": name, "label": CASES[name], "batch": batch, "composite": comp, "forward": fwd}
+                row = {"model": name, "label": CASES[name], "batch": batch, "composite": comp, "forward": fwd,
+                       "forward_part": fwd_part}
                 ex = explainers.get((name, comp))
                 row["explainer"] = (worker("ort-explainer", model=m["path"], explainer=ex, batch=batch, **common)
                                     if ex else {"status": "error", "error": "convert failed"})

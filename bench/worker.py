@@ -24,6 +24,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -73,6 +74,22 @@ def model_input_info(path):
             if mean.ndim == 0:
                 mean = np.full(shape[1], float(mean), np.float32)
     return inp.name, shape, mean
+
+
+def forward_part(explainer, model, tmp: Path) -> Path:
+    """The explainer cut down to the model's outputs: the forward pass exactly as the explainer runs
+    it (with LRN recomputed in plain ops, unless it was converted with ``exact_forward``)."""
+    import onnx
+    from onnx.utils import Extractor
+
+    ex = onnx.load(str(explainer))
+    m = onnx.load(str(model), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    part = Extractor(ex).extract_model([i.name for i in m.graph.input if i.name not in inits],
+                                       [o.name for o in m.graph.output])
+    out = tmp / "forward_part.onnx"
+    onnx.save(part, str(out))
+    return out
 
 
 def time_calls(fn, warmup: int, min_repeats: int, max_repeats: int, budget_s: float):
@@ -255,7 +272,7 @@ def run_captum(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="one benchmark measurement")
-    p.add_argument("engine", choices=["ort-forward", "ort-explainer", "zennit", "captum"])
+    p.add_argument("engine", choices=["ort-forward", "ort-explainer", "ort-explainer-forward", "zennit", "captum"])
     p.add_argument("--model", required=True)
     p.add_argument("--explainer")
     p.add_argument("--batch", type=int, default=1)
@@ -278,6 +295,9 @@ def main(argv=None):
             res.update(run_ort(args, args.model, explainer=False))
         elif args.engine == "ort-explainer":
             res.update(run_ort(args, args.explainer, explainer=True))
+        elif args.engine == "ort-explainer-forward":
+            with tempfile.TemporaryDirectory() as tmp:
+                res.update(run_ort(args, forward_part(args.explainer, args.model, Path(tmp)), explainer=False))
         elif args.engine == "zennit":
             res.update(run_zennit(args))
         else:

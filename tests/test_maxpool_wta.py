@@ -92,3 +92,22 @@ def test_winner_take_all_is_the_max_pool_gradient(case, ties):
     # conservation: every output's relevance lands on exactly one input
     np.testing.assert_allclose(R_in.sum(), R_out.astype(np.float64).sum(), rtol=1e-5)
 
+
+
+def test_winner_take_all_with_unknown_spatial_sizes():
+    """The input's channel and spatial sizes are symbolic: the scatter then works on the flat tensor."""
+    shape = (2, 3, 9, 9)
+    model = pool_model(shape, (3, 3), (2, 2), (0, 0, 0, 0), 1, (1, 1))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for d, name in zip(dims, ["N", "C", "H", "W"]):
+        d.ClearField("dim_value")
+        d.dim_param = name
+    x = np.random.default_rng(5).integers(-2, 3, shape).astype(np.float32)
+    explainer = lrponnx.convert(model, composite="epsilon-plus", layer_relevance=True)
+    axes = [a.i for n in explainer.graph.node if n.op_type == "ScatterElements" for a in n.attribute if a.name == "axis"]
+    assert axes == [0]  # one flat scatter (with static sizes it scatters rows, axis 1)
+    sess = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    _, ref = torch_wta(x.astype(np.float64), out["lrp_out/pool"].astype(np.float64), (3, 3), (2, 2), (0, 0, 0, 0), 1,
+                       (1, 1))
+    np.testing.assert_allclose(out["lrp_in/pool/x"], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())

@@ -108,11 +108,27 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     else:
         attrs = {k: v for k, v in unit.info.items() if k != "storage_order"}
     _, indices = g.op("MaxPool", x, outputs=2, hint="argmax", **attrs)
-    flat_idx = g.op("Reshape", indices, g.ints([-1]))
-    flat_r = g.op("Reshape", R, g.ints([-1]))
-    zeros = g.op("ConstantOfShape", g.op("Shape", g.op("Reshape", x, g.ints([-1]))),
-                 value=_float_tensor(0.0))
-    scattered = g.op("ScatterElements", zeros, flat_idx, flat_r, axis=0, reduction="add")
+    xs = ctx.view.shape(x)
+    if xs is None or any(d is None for d in xs[1:]):
+        flat_idx = g.op("Reshape", indices, g.ints([-1]))
+        flat_r = g.op("Reshape", R, g.ints([-1]))
+        zeros = g.op("ConstantOfShape", g.op("Shape", g.op("Reshape", x, g.ints([-1]))),
+                     value=_float_tensor(0.0))
+        scattered = g.op("ScatterElements", zeros, flat_idx, flat_r, axis=0, reduction="add")
+        return {x: g.op("Reshape", scattered, g.op("Shape", x), hint="r_maxpool")}
+    # One row per (sample, channel) plane: the indices count from the start of the whole tensor,
+    # so each plane's offset (n C + c) H W comes off first. (ORT scatters rows faster than one long
+    # vector: -10 % on the 98 MiB pool1 of GoogLeNet.)
+    C, plane = xs[1], int(np.prod(xs[2:]))
+    rows = g.op("Mul", g.op("Shape", x, start=0, end=1), g.ints([C]), hint="planes")
+    offsets = g.op("Mul", g.op("Range", g.const(0, dtype=np.int64),
+                               g.op("Squeeze", rows, g.ints([0])), g.const(1, dtype=np.int64)),
+                   g.const(plane, dtype=np.int64))
+    local = g.op("Sub", g.op("Reshape", indices, g.op("Concat", rows, g.ints([-1]), axis=0)),
+                 g.op("Unsqueeze", offsets, g.ints([1])), hint="argmax_local")
+    zeros = g.op("ConstantOfShape", g.op("Concat", rows, g.ints([plane]), axis=0), value=_float_tensor(0.0))
+    r_rows = g.op("Reshape", R, g.op("Concat", rows, g.ints([-1]), axis=0))
+    scattered = g.op("ScatterElements", zeros, local, r_rows, axis=1, reduction="add")
     return {x: g.op("Reshape", scattered, g.op("Shape", x), hint="r_maxpool")}
 
 
