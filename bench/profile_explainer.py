@@ -2,7 +2,7 @@
 
     python bench/profile_explainer.py MODEL.onnx EXPLAINER.onnx [--batch 8] [--runs 3] [--top 25] [--json OUT]
 
-Runs each model ``--runs`` times after one warm-up with ``SessionOptions.enable_profiling`` and
+Runs each model ``--runs`` times after two warm-ups with ``SessionOptions.enable_profiling`` and
 2 intra-op threads, then sums the kernel time of every node over the profiled runs (divided by
 the runs) and prints:
 
@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WARMUP_RUNS = 2
 
 
 def profile(path, feed_fn, runs: int, threads: int, out_dir: str):
@@ -38,13 +39,18 @@ def profile(path, feed_fn, runs: int, threads: int, out_dir: str):
     so.profile_file_prefix = str(Path(out_dir) / Path(path).stem)
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feed = feed_fn(sess)
-    sess.run(None, feed)  # warm-up (in the profile too: skipped below by run index)
+    # Two warm-up runs (in the profile too: skipped below by run index). ORT's arena still grows
+    # during the second run of a large explainer, and the page faults of fresh memory made its
+    # forward nodes look 2-4x slower than in steady state.
+    for _ in range(WARMUP_RUNS):
+        sess.run(None, feed)
     for _ in range(runs):
         sess.run(None, feed)
     prof = sess.end_profiling()
     events = json.loads(Path(prof).read_text())
     model_runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    skip_until = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else 0  # drop the warm-up run
+    last_warmup = model_runs[WARMUP_RUNS - 1] if len(model_runs) >= WARMUP_RUNS else None
+    skip_until = last_warmup["ts"] + last_warmup["dur"] if last_warmup else 0
     nodes = defaultdict(float)
     ops = {}
     for e in events:
@@ -53,7 +59,8 @@ def profile(path, feed_fn, runs: int, threads: int, out_dir: str):
         name = e["name"][: -len("_kernel_time")]
         nodes[name] += e["dur"] / 1e3 / runs  # ms per run
         ops[name] = e.get("args", {}).get("op_name", "?")
-    total_run = sum(e["dur"] for e in model_runs[1:]) / 1e3 / max(1, len(model_runs) - 1)
+    timed = model_runs[WARMUP_RUNS:]
+    total_run = sum(e["dur"] for e in timed) / 1e3 / max(1, len(timed))
     return dict(nodes), ops, total_run, prof
 
 

@@ -167,7 +167,7 @@ def write_markdown(res: dict, out: Path) -> None:
     if res.get("profiles"):
         add("## Where the explainer's time goes (ORT per-node profile)")
         add("")
-        add("`bench/profile_explainer.py` with `SessionOptions.enable_profiling`, 2 profiled runs after a warm-up "
+        add("`bench/profile_explainer.py` with `SessionOptions.enable_profiling`, 2 profiled runs after two warm-ups "
             "(profiling adds overhead; ms per run). *forward* = nodes of the original model, *relevance* = nodes "
             "lrponnx added, *ORT* = nodes ORT's optimiser added (NCHWc layout reorders).")
         add("")

@@ -1,7 +1,8 @@
 """Grouping the nodes of a model into *units*: the things that receive one LRP rule each.
 
-The forward graph is never changed (so the explainer's predictions are bit-identical to the
-model's). A unit only says how to read a piece of it:
+The forward graph is not changed by grouping (one exception at emission: an ONNX LRN node is
+recomputed with the plain ops its rule shares, see ``relevance/lrn.py``). A unit only says how to
+read a piece of it:
 
 - a linear layer: Conv / ConvTranspose / Gemm / MatMul with constant weights, together with a
   following Add of a constant bias and a following BatchNormalization, folded into one
