@@ -2,7 +2,8 @@
 
 A handler gets the emission context, the unit and the name of the relevance tensor at the
 unit's output, and returns ``{input tensor: relevance}`` for the inputs that receive relevance;
-a relevance is a tensor name or a :class:`Product` (``x * factor`` left for the compiler). A new op is one new function with ``@handler("OpType", rules=(...))``.
+a relevance is a tensor name or a :class:`Product` (``x * factor``, multiplied by the compiler).
+A new op is one new function with ``@handler("OpType", rules=(...))``.
 
 Where things live:
 - linear layers (epsilon, zplus, alpha-beta, gamma, zbox, wsquare, flat): ``linear.py``

@@ -6,6 +6,8 @@ stabilised divide, a vector-Jacobian product ``W^T q`` and a reduction. :class:`
 supplies the forward and the VJP for each layer type; the rules below never look at the op.
 
 When the input is provably non-negative (after a ReLU) the x- terms are zero and skipped.
+Rules that end in ``x * (W^T q)`` hand back a :class:`Product` of :class:`Vjp` terms: the
+compiler multiplies once per ``x`` and merges VJPs with the same geometry into one convolution.
 """
 from __future__ import annotations
 
@@ -222,13 +224,13 @@ def _neg(a):
 
 # -- the rules ----------------------------------------------------------------------------------
 
-def epsilon(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
+def epsilon(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> Product:
     q = ctx.stab_div(R, z, epsilon)
     return Product(x, (Vjp(ops, q, "w", None),))
 
 
 def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 2.0, beta: float = 1.0,
-               epsilon: float = 1e-6) -> str:
+               epsilon: float = 1e-6) -> str | Product:
     if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
         raise RuleError(f"alpha-beta needs alpha - beta = 1 and alpha, beta >= 0 (got alpha={alpha}, beta={beta})")
     g, W, b = ctx.g, ops.p.W, ops.p.b
@@ -267,7 +269,7 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
     return r
 
 
-def zplus(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
+def zplus(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str | Product:
     return alpha_beta(ctx, ops, x, z, R, alpha=1.0, beta=0.0, epsilon=epsilon)
 
 
@@ -275,7 +277,8 @@ def zplus(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-
 GAMMA_SHORTCUT = 0.1
 
 
-def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25, epsilon: float = 1e-6) -> str:
+def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
+          epsilon: float = 1e-6) -> str | Product:
     g, W, b = ctx.g, ops.p.W, ops.p.b
     Gp, Gn = W + gamma * _pos(W), W + gamma * _neg(W)
     cp, cn = b + gamma * _pos(b), b + gamma * _neg(b)
