@@ -853,3 +853,18 @@ def test_verify_chain_rejects_a_wrong_spec():
                   LrnSpec("across", 5, s.alpha * 1.01, s.beta, s.k, 2, 2),
                   LrnSpec("across", 5, s.alpha, s.beta, 1.01, 2, 2)):
         assert not lrn_match.verify_chain(view, u.nodes, "h", u.output, wrong), wrong
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5), (2, 6, 3, 4, 2)], ids=["rank3", "rank5"])
+def test_recomputed_forward_runs_lrn_of_other_ranks(shape):
+    """ORT's LRN kernel takes 4-D inputs only; the explainer's plain ops take any rank."""
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    model = readout_model(shape, "across", 3, 0.1, 0.75, 1.0, relu=True)
+    explainer = lrponnx.convert(model, layer_relevance=True)
+    used = {i for nd in explainer.graph.node for i in nd.input}
+    assert not [t.name for t in explainer.graph.initializer if t.name not in used and t.name != "target"]
+    out = run(explainer, {"x": x}, extra=["h", "y"])
+    ref = reference(out["h"], out["lrp_out/lrn"], region="across", n=3, alpha=0.1, beta=0.75, k=1.0, lo=1, hi=1)
+    assert rel_l2(out["y"], ref["y"]) <= 1e-6
+    assert rel_l2(out["lrp_in/lrn/h"], ref["R_in"]) <= TOL

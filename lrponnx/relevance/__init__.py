@@ -105,9 +105,9 @@ class Ctx:
         knows ``d >= 0`` (e.g. W+ x+ + b+), so ``stab(d) = d + eps`` needs no sign test.
         """
         g = self.g
-        zero = g.const(0.0)
         if eps > 0 and nonnegative:
             return g.op("Div", R, g.op("Add", d, g.const(float(eps)), hint=f"{hint}_den"), hint=hint)
+        zero = g.const(0.0)
         if eps > 0:
             shift = g.op("Where", g.op("GreaterOrEqual", d, zero), g.const(float(eps)),
                          g.const(-float(eps)), hint=f"{hint}_eps")
