@@ -1,7 +1,7 @@
 """Max-pool winner-take-all against torch autograd (float64): the gradient of max pooling.
 
-Winner-take-all must equal the gradient of torch's max pooling with the relevance at the pool's
-output as the output gradient, including the tie-break (the first maximum in scan order), which
+Winner-take-all (a scatter; MaxUnpool where windows never overlap) must equal the gradient of
+torch's max pooling with the relevance at the pool's output as the output gradient, including the tie-break (the first maximum in scan order), which
 integer inputs exercise on purpose, for 1-D, 2-D and 3-D pools with any kernel, stride, padding,
 ceil mode and dilation.
 """
@@ -30,6 +30,9 @@ CASES = [
     ((9, 9), (1, 1), (2, 2), (0, 0, 0, 0), 0, (1, 1)),      # kernel < stride: subsampling
     ((9, 9), (3, 3), (1, 1), (2, 2, 2, 2), 0, (2, 2)),      # dilation
     ((12, 12), (9, 9), (1, 1), (0, 0, 0, 0), 0, (1, 1)),    # large kernel
+    ((9, 7), (2, 2), (2, 2), (0, 1, 0, 0), 1, (1, 1)),       # disjoint windows (MaxUnpool), ceil, pads
+    ((10, 9), (2, 2), (3, 3), (0, 0, 0, 0), 0, (2, 1)),      # disjoint with dilation
+    ((4, 6, 6), (2, 2, 2), (2, 2, 2), (0, 0, 0, 0, 0, 0), 0, (1, 1, 1)),  # disjoint 3-D
 ]
 
 
@@ -79,6 +82,9 @@ def test_winner_take_all_is_the_max_pool_gradient(case, ties):
     x = x.astype(np.float32)
     model = pool_model(shape, kernel, strides, pads, ceil, dilations)
     explainer = lrponnx.convert(model, composite="epsilon-plus", layer_relevance=True)
+    disjoint = all((k - 1) * d + 1 <= st for k, st, d in zip(kernel, strides, dilations))
+    ops = {n.op_type for n in explainer.graph.node}
+    assert ("MaxUnpool" in ops) == disjoint and ("ScatterElements" in ops) != disjoint
 
     sess = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
