@@ -76,11 +76,6 @@ class LinearOps:
         z = g.op("MatMul", x, w, hint=f"{self.unit.name}/z_{key}")
         return g.op("Add", z, g.const(b, hint=f"{self.unit.name}/b_{key}")) if b is not None else z
 
-    def bias_const(self, key: str, b: np.ndarray) -> str:
-        """A per-output-channel constant shaped to broadcast against the layer's output."""
-        shape = (1, -1) + (1,) * (len(self.p.z_shape) - 2) if self.p.kind in ("conv", "convtranspose") else (1, -1)
-        return self.g.const(np.asarray(b, np.float32).reshape(shape), hint=f"{self.unit.name}/{key}")
-
     def vjp(self, q: str, key: str, W: np.ndarray | None) -> str:
         """``W^T q``: the gradient of ``W x`` with respect to x, shaped like x.
         ``W=None`` means the layer's own weight, read only if its initializer cannot be reused."""

@@ -78,13 +78,17 @@ def _pow(ctx: Ctx, b: str, beta: float) -> str:
     return g.op("Exp", g.op("Mul", g.op("Log", b), g.const(beta)), hint="lrn_pow")
 
 
+def _entries(spec: LrnSpec, rank: int) -> int:
+    """How many elements a window holds (zeros outside the tensor counted): a * entries = alpha."""
+    return spec.size if spec.region == "across" else spec.size ** (rank - 2)
+
+
 def _scale(ctx: Ctx, x: str, spec: LrnSpec, rank: int) -> tuple[str, str]:
     """``x^2`` and ``s = k + a S`` (S the window sum of x^2)."""
     g = ctx.g
-    entries = spec.size if spec.region == "across" else spec.size ** (rank - 2)  # a * entries = alpha
     x2 = g.op("Mul", x, x, hint="lrn_x2")
     mean = _window_mean(ctx, x2, spec, rank, mirrored=False)
-    return x2, g.op("Add", g.const(spec.k), g.op("Mul", mean, g.const(spec.a * entries)), hint="lrn_s")
+    return x2, g.op("Add", g.const(spec.k), g.op("Mul", mean, g.const(spec.a * _entries(spec, rank))), hint="lrn_s")
 
 
 def _replaces_forward(ctx: Ctx, unit: Unit) -> bool:
@@ -128,7 +132,7 @@ def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
         return {x: R}
     eps = float(unit.rule.params.get("epsilon", 1e-6))
     denominator = unit.rule.params.get("denominator", "sum")
-    entries = spec.size if spec.region == "across" else spec.size ** (rank - 2)
+    entries = _entries(spec, rank)
     k = g.const(spec.k)
 
     x_s = g.op("Div", y, s, hint="lrn_x_s")                         # x_c s_c^(-beta-1) = y_c / s_c
