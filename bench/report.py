@@ -27,8 +27,16 @@ def _ok(r) -> bool:
     return bool(r) and r.get("status") == "ok" and "median_s" in r
 
 
-def _verdict(value: float, target: float, lower_is_better: bool) -> str:
+# A timing ratio this close to its target is inside the run-to-run spread of this VM (the forward pass alone
+# moved between 585 and 755 ms on GoogLeNet at batch 32 across sessions), so one run cannot settle it.
+BORDERLINE = 0.05
+
+
+def _verdict(value: float, target: float, lower_is_better: bool, margin: float = 0.0) -> str:
     met = value <= target if lower_is_better else value >= target
+    close = abs(value - target) <= margin * target
+    if close:
+        return "met (borderline)" if met else "missed (borderline)"
     return "**met**" if met else "**missed**"
 
 
@@ -85,7 +93,8 @@ def write_markdown(res: dict, out: Path) -> None:
     add(f"Times in ms per call (median). Targets apply at batch {TARGET_BATCH} on CaffeNet and GoogLeNet: "
         f"explainer/forward ≤ {TARGET_EXPLAIN['epsilon-plus-flat']} (epsilon-plus-flat), "
         f"≤ {TARGET_EXPLAIN['epsilon-gamma-box']} (epsilon-gamma-box); Zennit/explainer ≥ {TARGET_ZENNIT:g} on every "
-        "case. A ratio without a target is shown for information.")
+        "case. A ratio without a target is shown for information. A verdict marked *borderline* lies within "
+        f"{BORDERLINE:.0%} of its target, inside the run-to-run spread of this machine: one run does not settle it.")
     add("")
     add("| model | composite | batch | ORT forward | lrponnx explainer (ORT) | explainer / forward | target | "
         "Zennit (LRN: gradient) | Zennit / explainer | target | PyTorch forward |")
@@ -98,11 +107,11 @@ def write_markdown(res: dict, out: Path) -> None:
             ratio = f"{r:.2f}"
             if row["model"] in TARGET_MODELS and row["batch"] == TARGET_BATCH:
                 t = TARGET_EXPLAIN[row["composite"]]
-                tgt = f"≤ {t} {_verdict(r, t, True)}"
+                tgt = f"≤ {t} {_verdict(r, t, True, BORDERLINE)}"
         if _ok(z) and _ok(e):
             r = z["median_s"] / e["median_s"]
             zr = f"{r:.2f}"
-            ztgt = f"≥ {TARGET_ZENNIT:g} {_verdict(r, TARGET_ZENNIT, False)}"
+            ztgt = f"≥ {TARGET_ZENNIT:g} {_verdict(r, TARGET_ZENNIT, False, BORDERLINE)}"
         tf = next((r["zennit"].get("torch_forward") for r in res["bench"] if r["model"] == row["model"]
                    and r["batch"] == row["batch"] and r.get("zennit") and r["zennit"].get("torch_forward")), None)
         add(f"| {CASES.get(row['model'], row['model'])} | {row['composite']} | {row['batch']} | {_ms(f)} | {_ms(e)} | "
@@ -127,7 +136,8 @@ def write_markdown(res: dict, out: Path) -> None:
             add(f"| {CASES.get(model, model)} | {batch} | {_ms(rows[0]['forward'])} | {_ms(fp)} | {ratios} |")
         add("")
     add("Where a target is missed, `docs/decisions.md` (section *Speed*) says what the explainer's time goes "
-        "to, what each change bought and which alternatives were measured and dropped. The forward pass is "
+        "to, what each change bought and which alternatives were measured and dropped; `docs/maxpool-wta.md` "
+        "times the max-pool kernels behind GoogLeNet's miss (`bench/wta_kernels.py`). The forward pass is "
         "timed in its own process, so its run-to-run spread (a few percent on this VM) moves the ratio too.")
     add("")
     nonfinite = [row for row in res["bench"] for k in ("explainer", "zennit")

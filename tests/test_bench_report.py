@@ -1,0 +1,40 @@
+"""The benchmark report's verdicts: a ratio inside the machine's run-to-run spread is not called met or missed
+outright (docs/benchmarks.md)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("value, target, lower, expected", [
+    (2.71, 3.2, True, "**met**"),
+    (3.16, 3.2, True, "met (borderline)"),         # GoogLeNet's run of 2026-11-26 12:15
+    (3.30, 3.2, True, "missed (borderline)"),
+    (3.42, 3.2, True, "**missed**"),
+    (2.05, 2.0, False, "met (borderline)"),
+    (1.95, 2.0, False, "missed (borderline)"),
+    (2.48, 2.0, False, "**met**"),
+    (1.50, 2.0, False, "**missed**"),
+])
+def test_timing_verdicts_mark_the_spread(report, value, target, lower, expected):
+    assert report._verdict(value, target, lower, report.BORDERLINE) == expected
+
+
+def test_verdicts_without_margin_are_plain(report):
+    assert report._verdict(3.19, 3.2, True) == "**met**"
+    assert report._verdict(3.21, 3.2, True) == "**missed**"
