@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from docs_block import replace_block
 
 import lrponnx
 
@@ -129,11 +130,7 @@ def table(rows: list[dict], threads: int, repeats: int) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{DOCS} has no {START} ... {END} block")
-    doc = re.sub(re.escape(START) + ".*?" + re.escape(END), START + "\n" + text + "\n" + END, doc, flags=re.S)
-    DOCS.write_text(doc)
+    replace_block(DOCS, START, END, text)
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +41,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from docs_block import replace_block
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "maxpool-wta.md"
 START, END = "<!-- wta_kernels:start -->", "<!-- wta_kernels:end -->"
@@ -194,9 +195,7 @@ def table(rows: list[dict], batch: int, threads: int, repeats: int, source: str)
 
 
 def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", doc, flags=re.S)
-    DOCS.write_text(doc)
+    replace_block(DOCS, START, END, text)
 
 
 def main() -> None:
