@@ -80,13 +80,10 @@ def forward_part(explainer, model, tmp: Path) -> Path:
     """The explainer cut down to the model's outputs: the forward pass exactly as the explainer runs
     it (with LRN recomputed in plain ops, unless it was converted with ``exact_forward``)."""
     import onnx
-    from onnx.utils import Extractor
+    from lrponnx.perturbation import keep_outputs
 
-    ex = onnx.load(str(explainer))
     m = onnx.load(str(model), load_external_data=False)
-    inits = {t.name for t in m.graph.initializer}
-    part = Extractor(ex).extract_model([i.name for i in m.graph.input if i.name not in inits],
-                                       [o.name for o in m.graph.output])
+    part = keep_outputs(onnx.load(str(explainer)), [o.name for o in m.graph.output])
     out = tmp / "forward_part.onnx"
     onnx.save(part, str(out))
     return out

@@ -6,10 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from .load import set_external_location, tensor_nbytes
+from .load import set_external_location, stored_dtype, tensor_nbytes
 
 #: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
 #: (protobuf cannot hold 2 GiB, and serialising a large model in one piece doubles the memory).
@@ -71,6 +70,7 @@ def _weight_tensors(model: onnx.ModelProto):
 def _write_tensor(t: onnx.TensorProto, out, data_name: str) -> None:
     """Append one tensor's bytes to the data file ``out`` (unbuffered) and point the tensor at them."""
     from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo
 
     external = t.data_location == onnx.TensorProto.EXTERNAL
     if not external and tensor_nbytes(t) <= INLINE_BYTES:
@@ -78,15 +78,14 @@ def _write_tensor(t: onnx.TensorProto, out, data_name: str) -> None:
     end = os.fstat(out.fileno()).st_size
     offset = (end + ALIGN - 1) // ALIGN * ALIGN
     if external:
-        info = {e.key: e.value for e in t.external_data}
-        length = int(info["length"]) if "length" in info else tensor_nbytes(t)
-        _copy_range(info["location"], int(info.get("offset", 0)), length, out, offset)
+        info = ExternalDataInfo(t)
+        length = info.length if info.length is not None else tensor_nbytes(t)
+        _copy_range(info.location, info.offset or 0, length, out, offset)
     else:
         if t.HasField("raw_data"):
             data = t.raw_data
         else:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
-            data = numpy_helper.to_array(t).astype(dtype).tobytes()
+            data = numpy_helper.to_array(t).astype(stored_dtype(t)).tobytes()
         _write_all(out, offset, data)
         length = len(data)
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):

@@ -106,17 +106,23 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
+def stored_dtype(t: onnx.TensorProto) -> np.dtype:
+    """The numpy dtype of the tensor's bytes as ONNX stores them (raw data and external files are little-endian)."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+
+
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     """The value of an initializer, read from disk if it is external (see ``lazy_weights``).
     Unlike onnx's own helpers this never stores the data into the TensorProto."""
     from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo
 
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
-    info = {e.key: e.value for e in t.external_data}
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    info = ExternalDataInfo(t)
+    dtype = stored_dtype(t)
     count = tensor_nbytes(t) // dtype.itemsize
-    arr = np.fromfile(info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    arr = np.fromfile(info.location, dtype=dtype, count=count, offset=info.offset or 0)
     return arr.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(t.dims))
 
 

@@ -175,15 +175,15 @@ def _logits_name(model: onnx.ModelProto) -> str:
     return find_logits(ModelView(model))
 
 
-def _forward_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    """A copy whose only output is the logits tensor, with the nodes it does not need removed."""
+def keep_outputs(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy whose only outputs are ``outputs``, with the nodes, inputs and initializers they do
+    not need removed (a graph with subgraphs keeps every node: their outer-scope reads are not traced)."""
     m = copy.deepcopy(model)
-    logits = _logits_name(m)
     g = m.graph
     has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                         for n in g.node for a in n.attribute)
     if not has_subgraphs:
-        needed, keep = {logits}, []
+        needed, keep = set(outputs), []
         for node in reversed(list(g.node)):
             if any(o in needed for o in node.output):
                 keep.append(node)
@@ -197,11 +197,18 @@ def _forward_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
         kept_inits = [i for i in g.initializer if i.name in needed]
         del g.initializer[:]
         g.initializer.extend(kept_inits)
-    vi = next((v for v in list(g.value_info) + list(g.output) if v.name == logits), None)
-    out = copy.deepcopy(vi) if vi is not None else onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None)
+    known = {v.name: v for v in list(g.value_info) + list(g.output)}
+    outs = [copy.deepcopy(known[o]) if o in known else onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
+            for o in outputs]
     del g.output[:]
-    g.output.append(out)
-    return m, logits
+    g.output.extend(outs)
+    return m
+
+
+def _forward_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """A copy whose only output is the logits tensor, with the nodes it does not need removed."""
+    logits = _logits_name(model)
+    return keep_outputs(model, [logits]), logits
 
 
 def _free_batch(model: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -9,12 +9,17 @@ from ..units import Unit
 from . import Ctx, Unsupported, handler
 
 
+def _static(shape, first_axis: int) -> bool:
+    """The shape is known, with fixed sizes from ``first_axis`` on."""
+    return shape is not None and all(d is not None for d in shape[first_axis:])
+
+
 def _window(ctx: Ctx, unit: Unit) -> dict:
     """Kernel, strides, dilations and the explicit pads of a pooling node, with ceil_mode's
     overhang turned into extra end padding so an ordinary (floor) conv sees the same windows."""
     x = unit.inputs[0]
     xs = ctx.view.shape(x)
-    if xs is None or any(d is None for d in xs[1:]):
+    if not _static(xs, 1):
         raise Unsupported("needs static channel and spatial sizes")
     a = unit.info
     n = len(xs) - 2
@@ -102,7 +107,7 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     # input position its max came from; overlapping windows add up (ScatterElements 'add').
     if unit.op_type == "GlobalMaxPool":
         xs = ctx.view.shape(x)
-        if xs is None or any(d is None for d in xs[2:]):
+        if not _static(xs, 2):
             raise Unsupported("needs static spatial sizes")
         attrs = dict(kernel_shape=list(xs[2:]))
     else:
@@ -116,7 +121,7 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         return {x: g.op("MaxUnpool", R, indices, g.op("Shape", x), kernel_shape=w["kernel"],
                         strides=w["strides"], pads=w["pads"], hint="r_maxpool")}
     xs = ctx.view.shape(x)
-    if xs is None or any(d is None for d in xs[1:]):
+    if not _static(xs, 1):
         flat_idx = g.op("Reshape", indices, g.ints([-1]))
         flat_r = g.op("Reshape", R, g.ints([-1]))
         zeros = g.op("ConstantOfShape", g.op("Shape", g.op("Reshape", x, g.ints([-1]))),
