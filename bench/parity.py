@@ -43,7 +43,7 @@ def parity(model_path, composite: str, batch: int = 2, threads: int = 2) -> dict
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     sess = ort.InferenceSession(explainer.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ours = sess.run(["relevance"], {name: x})[0]
+    ours = sess.run(["relevance"], {name: x, "target": np.full([len(x)], -1, np.int64)})[0]
 
     net = onnx_to_torch.load(model_path).eval()
     lrn_types = (onnx_to_torch.OnnxLRN, onnx_to_torch.WithinChannelLRN)

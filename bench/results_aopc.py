@@ -185,7 +185,7 @@ def lrn_relevance_stats(model_path: Path, x: np.ndarray, kw: dict) -> list[dict]
         ins = [k for k in outs if k.startswith(f"lrp_in/{nm}/")]
         if o not in outs or len(ins) != 1:
             continue
-        r_out, r_in = (v.astype(np.float64) for v in s.run([o, ins[0]], {inp: x}))
+        r_out, r_in = (v.astype(np.float64) for v in s.run([o, ins[0]], {inp: x, TARGET_INPUT: np.full([len(x)], -1, np.int64)}))
         n = len(x)
         d = np.linalg.norm((r_in - r_out).reshape(n, -1), axis=1) / np.maximum(
             np.linalg.norm(r_out.reshape(n, -1), axis=1), 1e-30)
@@ -261,7 +261,8 @@ def check_taylor(path: Path, x: np.ndarray, kw: dict) -> dict:
         ins = [o for o in outs if o.startswith(f"lrp_in/{n.name}/")]
         if f"lrp_out/{n.name}" not in outs or len(ins) != 1:
             continue
-        X, R_out, R_in = sess.run([n.input[0], f"lrp_out/{n.name}", ins[0]], {inp: x})
+        X, R_out, R_in = sess.run([n.input[0], f"lrp_out/{n.name}", ins[0]],
+                                    {inp: x, TARGET_INPUT: np.full([len(x)], -1, np.int64)})
         a = {t.name: onnx.helper.get_attribute_value(t) for t in n.attribute}
         if n.op_type == "LRN":
             ref = taylor_reference(X, R_out, "across", int(a["size"]), float(a.get("alpha", 1e-4)),

@@ -28,6 +28,11 @@ from .units import Unit, build_units
 from .view import ModelView
 
 TARGET_INPUT = "target"
+#: The explainer's input contract. "2": ``target`` is an ordinary required int64 input of shape
+#: [N] (N = the first input's batch dimension), -1 = explain the argmax. Before "2" (no
+#: ``lrponnx.format`` key) ``target`` was an optional input with a [-1] initializer, which
+#: onnxruntime-node ignores and onnxruntime-web rejects; :mod:`lrponnx.runtime` upgrades those.
+FORMAT = "2"
 SEEDS = ("logit", "one")
 
 
@@ -145,8 +150,8 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
             lazy_weights: bool = False, exact_forward: bool = False) -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
 
-    The explainer keeps the model's inputs and outputs, adds an optional int64 ``target`` input
-    (per sample; absent or -1 means the argmax) and one float32 relevance output per model input
+    The explainer keeps the model's inputs and outputs, adds a required int64 ``target`` input
+    of shape [N] (one class per sample; -1 means the argmax) and one float32 relevance output per model input
     (``relevance``, or ``relevance_<input>`` for several inputs).
 
     ``lazy_weights`` (a path with external data only): leave the model's weights on disk; the
@@ -214,8 +219,8 @@ def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
     if TARGET_INPUT in {i.name for i in g.graph.input} | set(view.producer):
         raise InvalidModelError(f"the model already has a tensor named {TARGET_INPUT!r}")
     classes = shape[1]
-    g.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["target_batch"]))
-    g.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), TARGET_INPUT))
+    # an ordinary graph input (no initializer): every runtime lists it and takes the feed
+    g.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [_batch_dim(view)]))
     argmax = g.op("ArgMax", logits, axis=1, keepdims=0, hint="argmax")
     target = g.op("Where", g.op("Less", TARGET_INPUT, g.const(0, dtype=np.int64)), argmax, TARGET_INPUT,
                   hint="target")
@@ -223,6 +228,18 @@ def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
                 g.const(np.arange(classes).reshape(1, classes), hint="classes", dtype=np.int64))
     onehot = g.op("Cast", hits, to=TensorProto.FLOAT, hint="onehot")
     return onehot if seed == "one" else g.op("Mul", onehot, logits, hint="seed")
+
+
+def _batch_dim(view: ModelView):
+    """The first model input's batch dimension (its dim_param or value), for ``target``'s shape."""
+    t = view.types.get(view.inputs[0]) if view.inputs else None
+    dims = t.tensor_type.shape.dim if t is not None and t.tensor_type.HasField("shape") else []
+    if not dims:
+        return None
+    d = dims[0]
+    if d.HasField("dim_value"):
+        return d.dim_value
+    return d.dim_param or None
 
 
 def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: list | None = None):
@@ -303,10 +320,12 @@ def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, 
     rules = {u.name: str(u.rule) for u in p.units if u.rule is not None}
     meta = {
         "lrponnx.version": __version__,
+        "lrponnx.format": FORMAT,
         "lrponnx.composite": composite,
         "lrponnx.seed": seed,
         "lrponnx.logits": p.logits,
         "lrponnx.target_input": TARGET_INPUT,
+        "lrponnx.class_count": str(p.view.shape(p.logits)[1]),
         "lrponnx.relevance_outputs": json.dumps(names),
         "lrponnx.rules": json.dumps(rules),
         "lrponnx.forward_recomputed": json.dumps(recomputed),  # forward tensors made by other ops

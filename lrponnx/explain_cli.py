@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +67,15 @@ def run_explain(args) -> int:
     from .load import read_model
     from .preprocess import iter_inputs
     from .render import overview, render, save_png
-    from .runtime import Explainer, is_explainer
+    from .runtime import Explainer, LegacyExplainerWarning, is_explainer
 
     model = read_model(args.model)
     options = {} if is_explainer(model) else rule_kwargs(args)
-    explainer = Explainer(model, providers=_providers(args.provider), **options)
+    with warnings.catch_warnings():  # said once below, as a note, not as a Python warning
+        warnings.simplefilter("ignore", LegacyExplainerWarning)
+        explainer = Explainer(model, providers=_providers(args.provider), **options)
+    for note in explainer.notes:
+        print(f"lrponnx: note: {note}", file=sys.stderr)
     pre = preprocessing_for(model, args)
     items = list(iter_inputs(args.inputs, pre))
     if not items:

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lrponnx.cli import main
+from explainer_feeds import with_target
 
 
 def _mlp(path, unknown_ops: int = 0):
@@ -42,7 +43,7 @@ def test_convert_writes_a_runnable_explainer(tmp_path, capsys):
     assert main(["convert", str(src), "-o", str(out), "--composite", "epsilon-plus"]) == 0
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
-    y, r = sess.run(["y", "relevance"], {"x": x})
+    y, r = sess.run(["y", "relevance"], with_target(sess, {"x": x}))
     assert r.shape == x.shape and np.isfinite(r).all()
 
 
@@ -63,7 +64,8 @@ def test_convert_exact_forward_keeps_the_lrn_node(tmp_path):
         out = tmp_path / f"ex{lrn_nodes}.onnx"
         assert main(["convert", str(src), "-o", str(out)] + flag) == 0
         assert sum(n.op_type == "LRN" for n in onnx.load(str(out)).graph.node) == lrn_nodes
-        y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        y = sess.run(["y"], with_target(sess, {"x": x}))[0]
         if lrn_nodes:
             np.testing.assert_array_equal(y, want)
         else:
@@ -168,9 +170,10 @@ def test_convert_external_data_model_equals_in_memory_conversion(tmp_path):
     assert locations == {"ex.onnx.data"}  # the weights were copied beside the explainer, not referenced
     (tmp_path / "src" / "weights.bin").unlink()  # the explainer does not need the source any more
     x = np.random.default_rng(4).normal(size=(3, 3, 6, 6)).astype(np.float32)
-    from_cli = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    feeds = {"x": x, "target": np.full([3], -1, np.int64)}
+    from_cli = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
     eager = lrponnx.convert(model, composite="epsilon-plus-flat")
-    in_memory = ort.InferenceSession(eager.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    in_memory = ort.InferenceSession(eager.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for a, b in zip(from_cli, in_memory):
         np.testing.assert_array_equal(a, b)
 

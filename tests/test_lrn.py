@@ -31,6 +31,7 @@ from lrponnx.lrn_ops import LrnSpec, ensure_lrn_function, make_within_channel_lr
 from lrponnx.load import prepare
 from lrponnx.units import build_units
 from lrponnx.view import ModelView
+from explainer_feeds import with_target
 
 OPSET = 17
 TOL = 1e-5  # relative L2 against the float64 reference
@@ -221,7 +222,7 @@ def run(model: onnx.ModelProto, feeds: dict, extra=()) -> dict:
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     feeds = {k: v if np.asarray(v).dtype.kind in "iu" else np.asarray(v, np.float32) for k, v in feeds.items()}
-    return dict(zip(names, sess.run(None, feeds)))
+    return dict(zip(names, sess.run(None, with_target(sess, feeds))))
 
 
 def explain(model, x, extra=(), **options) -> dict:

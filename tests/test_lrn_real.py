@@ -9,6 +9,7 @@ from PIL import Image
 import lrponnx
 from lrponnx.converters.caffe import convert as caffe_convert
 from lrponnx.render import render
+from explainer_feeds import with_target
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def _run(explainer, x):
     so.log_severity_level = 3
     sess = ort.InferenceSession(explainer.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(None, {"data": x})))
+    return dict(zip(names, sess.run(None, with_target(sess, {"data": x}))))
 
 
 def test_taylor_conserves_and_inhibits_neighbours_on_the_real_model(cifar10_full):

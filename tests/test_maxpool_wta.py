@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import lrponnx
+from explainer_feeds import with_target
 
 # (spatial input size, kernel, strides, pads [begin..., end...], ceil_mode, dilations)
 CASES = [
@@ -88,7 +89,7 @@ def test_winner_take_all_is_the_max_pool_gradient(case, ties):
 
     sess = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    out = dict(zip(names, sess.run(None, {"x": x})))
+    out = dict(zip(names, sess.run(None, with_target(sess, {"x": x}))))
     R_out, R_in = out["lrp_out/pool"], out["lrp_in/pool/x"]
     assert np.abs(R_out).max() > 0
 
@@ -113,7 +114,7 @@ def test_winner_take_all_with_unknown_spatial_sizes():
     axes = [a.i for n in explainer.graph.node if n.op_type == "ScatterElements" for a in n.attribute if a.name == "axis"]
     assert axes == [0]  # one flat scatter (with static sizes it scatters rows, axis 1)
     sess = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, with_target(sess, {"x": x}))))
     _, ref = torch_wta(x.astype(np.float64), out["lrp_out/pool"].astype(np.float64), (3, 3), (2, 2), (0, 0, 0, 0), 1,
                        (1, 1))
     np.testing.assert_allclose(out["lrp_in/pool/x"], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())

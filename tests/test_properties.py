@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrponnx
 
+from explainer_feeds import with_target
 from reference import (Net, act, add, avgpool, concat, linear, max_rel_l2_per_sample, maxpool, randomize_bn,
                        reshape, single_thread)
 
@@ -88,9 +89,7 @@ def session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_
 
 def run(model: onnx.ModelProto, x: np.ndarray, target=None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
     sess = session(model, level)
-    feeds = {"input": x}
-    if target is not None:
-        feeds["target"] = np.asarray(target, np.int64)
+    feeds = with_target(sess, {"input": x}, target)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 

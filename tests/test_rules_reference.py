@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrponnx
 
+from explainer_feeds import with_target
 from reference import (Net, act, add, avgpool, concat, linear, max_rel_l2_per_sample, maxpool, pad,
                        randomize_bn, reshape, transpose)
 
@@ -81,9 +82,7 @@ def run_explainer(explainer: onnx.ModelProto, x: np.ndarray, target=None) -> dic
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1  # tiny graphs; spinning thread pools only slow a shared machine down
     sess = ort.InferenceSession(explainer.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {sess.get_inputs()[0].name: x.astype(np.float32)}
-    if target is not None:
-        feeds["target"] = np.asarray(target, np.int64)
+    feeds = with_target(sess, {sess.get_inputs()[0].name: x.astype(np.float32)}, target)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, feeds)))
 
