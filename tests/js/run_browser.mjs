@@ -6,6 +6,7 @@
 // Usage: node run_browser.mjs --ep wasm|webgpu --model M.onnx --out DIR --input data=x.npy
 //          --input target=t.npy [--repeat 3] [--warmup 1] [--external-data NAME=FILE]
 //          [--chromium /usr/bin/chromium] [--flags "--extra --chromium --flags"] [--timeout 300]
+//          [--ep-flags "..."] (replaces WASM_FLAGS / WEBGPU_FLAGS, to try other adapters)
 import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
@@ -23,9 +24,11 @@ export const BASE_FLAGS = ['--no-sandbox', '--disable-background-networking', '-
   '--metrics-recording-only', '--no-default-browser-check', '--disable-dev-shm-usage'];
 // wasm: no GPU process work at all.
 export const WASM_FLAGS = ['--disable-gpu'];
-// WebGPU on a software adapter (SwiftShader's Vulkan through Dawn) in headless Chromium.
-export const WEBGPU_FLAGS = ['--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-vulkan=swiftshader',
-  '--use-webgpu-adapter=swiftshader', '--use-angle=swiftshader', '--disable-vulkan-surface', '--ignore-gpu-blocklist'];
+// WebGPU on a software adapter in headless Chromium 156: --enable-unsafe-webgpu alone gives Dawn's
+// SwiftShader fallback adapter (even with --disable-gpu; without it requestAdapter() is null);
+// --use-webgpu-adapter=swiftshader pins that adapter where a real GPU would otherwise be picked.
+// (--enable-features=Vulkan --use-vulkan=swiftshader --use-angle=swiftshader change nothing here.)
+export const WEBGPU_FLAGS = ['--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader'];
 
 const TYPES = { '.html': 'text/html', '.mjs': 'text/javascript', '.js': 'text/javascript',
   '.wasm': 'application/wasm', '.json': 'application/json' };
@@ -59,7 +62,8 @@ function serve(files, outDir) {
 
 async function main() {
   const a = parseArgs(process.argv.slice(2), { ep: 'wasm', chromium: '/usr/bin/chromium', flags: '',
-                                               timeout: '300', 'external-data': '' });
+                                               timeout: '300', 'external-data': '',
+                                               'ep-flags': null });
   fs.mkdirSync(a.out, { recursive: true });
   const files = { model: path.resolve(a.model) };
   const inputs = {};
@@ -70,7 +74,9 @@ async function main() {
     files.ext0 = path.resolve(f);
     externalData.push({ path: name, data: '/files/ext0' });
   }
-  const flags = [...BASE_FLAGS, ...(a.ep === 'webgpu' ? WEBGPU_FLAGS : WASM_FLAGS),
+  const epFlags = a['ep-flags'] !== null ? a['ep-flags'].split(' ').filter(Boolean)
+    : (a.ep === 'webgpu' ? WEBGPU_FLAGS : WASM_FLAGS);
+  const flags = [...BASE_FLAGS, ...epFlags,
                  ...a.flags.split(' ').filter(Boolean)];
   const result = { runtime: 'chromium', ep: a.ep, flags };
   const log = [];
