@@ -122,15 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_rule_flags(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("explain", help="explain images or .npy arrays and write heatmaps")
+    p = sub.add_parser("explain", help="explain images or .npy arrays and write heatmaps",
+                       description="Explain inputs in batches, writing heatmaps as they are made. A bad input "
+                       "is reported and skipped. Running the same command again after an interruption "
+                       "finishes the job (state in OUT/.lrponnx-explain). Exit codes: 0 all explained, "
+                       "3 some inputs failed (see OUT/summary.json), 2 nothing done (a usage error).")
     p.add_argument("model", help="an explainer, or a plain model (compiled on the fly)")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or .npy arrays")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--target", type=int, default=None, help="class to explain (default: the prediction)")
+    p.add_argument("--target", type=int, default=None,
+                   help="class index to explain for every input (default: each input's predicted class)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--provider", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--cmap", default="coldnhot")
+    p.add_argument("--cmap", default="coldnhot", help="colour map (coldnhot, bwr, seismic, hot, gray)")
     p.add_argument("--save-raw", action="store_true", help="also save the relevance as .npy")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output folder that holds another job's results")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="explain on a Ray cluster: its address, 'auto' (the running cluster) or 'local' "
+                        "(start one on this machine); needs `pip install lrponnx[ray]`")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="Explainer sessions on the cluster (default: its CPUs / --ray-cpus-per-actor)")
+    p.add_argument("--ray-cpus-per-actor", type=int, default=1,
+                   help="CPUs (and ONNX Runtime threads) per session (default 1)")
     p.add_argument("--mean", type=_floats, default=None, help="preprocessing: mean (overrides metadata)")
     p.add_argument("--std", type=_floats, default=None, help="preprocessing: std (overrides metadata)")
     p.add_argument("--channel-order", choices=["rgb", "bgr"], default=None)

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "CMAPS",
     "CENTER_INDEX",
+    "check_cmap",
     "DEFAULT_CMAP",
     "REDUCTIONS",
     "colormap",
@@ -113,10 +114,15 @@ def _build_lut(nodes) -> np.ndarray:
 _LUTS: dict[str, np.ndarray] = {name: _build_lut(nodes) for name, nodes in _NODES.items()}
 
 
-def _check_cmap(cmap: str) -> str:
-    if cmap not in _LUTS:
+def check_cmap(cmap: str) -> str:
+    """``cmap`` if it names one of :data:`CMAPS`, else ValueError listing them (cheap: callers check
+    a user's choice before doing any work)."""
+    if not isinstance(cmap, str) or cmap not in _LUTS:
         raise ValueError(f"unknown colour map {cmap!r}; choose one of: {', '.join(CMAPS)}")
     return cmap
+
+
+_check_cmap = check_cmap
 
 
 def colormap(cmap: str = DEFAULT_CMAP) -> np.ndarray:

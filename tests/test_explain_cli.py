@@ -32,7 +32,7 @@ def test_explain_jpegs_with_a_converted_caffe_model(shared_data, tmp_path):
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     x = np.stack([_own_preprocessing(p, mean) for p in images])
     expected = sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["done"]
     assert [s["prediction"] for s in summary] == expected.tolist()
     assert [s["input"] for s in summary] == [str(p) for p in images]
     # Same-named inputs from two folders keep apart; every heatmap and raw array is there.
@@ -56,7 +56,7 @@ def test_explain_npy_with_a_plain_model_compiles_on_the_fly(tmp_path):
     out = tmp_path / "out"
     assert main(["explain", str(path), str(tmp_path / "batch.npy"), "-o", str(out), "--target", "2",
                  "--save-raw", "--composite", "epsilon-plus"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["done"]
     assert [s["target"] for s in summary] == [2, 2, 2]
     with torch.no_grad():
         logits = net(torch.from_numpy(x)).numpy()
