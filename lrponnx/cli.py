@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins():
     """Subcommands that live with their own modules (Caffe converter, model zoo, evaluation)."""
     found = []
-    for module in ("lrponnx.converters.caffe.cli", "lrponnx.model_zoo.cli", "lrponnx.evaluate_cli"):
+    for module in ("lrponnx.converters.caffe.cli", "lrponnx.model_zoo.cli", "lrponnx.evaluate_cli", "lrponnx.web"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:
