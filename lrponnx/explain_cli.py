@@ -143,8 +143,9 @@ class ChunkEngine:
     chunks gets the same bytes.
     """
 
-    def __init__(self, explainer, preprocessing, *, target: int | None, cmap: str):
+    def __init__(self, explainer, preprocessing, *, target: int | None, cmap: str, render: bool = True):
         self.explainer = explainer
+        self.render = render
         self.pre = preprocessing
         self.target = target
         self.cmap = cmap
@@ -225,7 +226,7 @@ class ChunkEngine:
             name = lambda c: classes[c] if classes and 0 <= c < len(classes) else str(c)  # noqa: E731
             base.label, base.prediction_label = name(t), name(base.prediction)
             base.relevance_sum = float(rel.sum())
-            base.png = png_bytes(render(rel, self.cmap))
+            base.png = png_bytes(render(rel, self.cmap)) if self.render else None
             base.relevance = rel
             base.display = item.display
 
