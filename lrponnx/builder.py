@@ -136,3 +136,50 @@ class GraphBuilder:
         """Expose ``src`` under the exact name ``dst`` (e.g. a graph output)."""
         self._taken.add(dst)
         self.graph.node.append(helper.make_node("Identity", [src], [dst], name=self.fresh(f"node/{dst}")))
+
+
+#: Ops whose geometry WebGPU's provider (NHWC layout) reads from the node's own attributes: it
+#: refuses a Conv without ``kernel_shape`` ("strides should be 2D"). Stating every attribute costs
+#: nothing anywhere else.
+SPATIAL_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool")
+
+
+def state_spatial_attributes(model: onnx.ModelProto) -> None:
+    """Give every Conv, ConvTranspose, AveragePool and MaxPool of the main graph explicit
+    ``kernel_shape``, ``strides``, ``pads`` and ``dilations`` (and ``group`` for convolutions),
+    filling in ONNX's defaults where the node leaves them out. The nodes compute the same.
+
+    A convolution's kernel shape comes from its weight (an initializer or a tensor whose shape is
+    known); a node whose weight shape is unknown, or that uses ``auto_pad`` SAME_*, keeps what it
+    has for the attributes that would need it."""
+    g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    shapes = {t.name: list(t.dims) for t in g.initializer}
+    for v in list(g.input) + list(g.value_info):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape") and v.name not in shapes:
+            dims = v.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                shapes[v.name] = [d.dim_value for d in dims]
+    for node in g.node:
+        if node.op_type not in SPATIAL_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        have = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = have.get("kernel_shape")
+        if kernel is None and node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+            w = shapes.get(node.input[1])
+            kernel = w[2:] if w is not None and len(w) > 2 else None
+        if not kernel:
+            continue
+        n = len(kernel)
+        auto_pad = have.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        wanted = {"kernel_shape": list(kernel), "strides": [1] * n}
+        if auto_pad in ("NOTSET", "") and "output_shape" not in have:  # else the runtime computes the pads
+            wanted["pads"] = [0] * (2 * n)
+        if node.op_type != "AveragePool" or opset >= 19:  # AveragePool has dilations from opset 19
+            wanted["dilations"] = [1] * n
+        if node.op_type in ("Conv", "ConvTranspose"):
+            wanted["group"] = 1
+        for name, value in wanted.items():
+            if name not in have:
+                node.attribute.append(helper.make_attribute(name, value))

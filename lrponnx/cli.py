@@ -32,12 +32,15 @@ def add_rule_flags(p: argparse.ArgumentParser) -> None:
                    help="divide by the sum of the Taylor terms (conservative) or by the LRN output")
     p.add_argument("--seed", default="logit", choices=["logit", "one"],
                    help="start relevance: the target logit (default) or 1 (Zennit's usual choice)")
+    p.add_argument("--target-runtime", default="any", choices=["any", "webgpu"],
+                   help="write the graph for this runtime: any (default, fastest on ONNX Runtime's CPU) or "
+                        "webgpu (onnxruntime-web's WebGPU provider; no 3-D pooling, no MaxPool Indices)")
 
 
 def rule_kwargs(args) -> dict:
     return dict(composite=args.composite, epsilon=args.epsilon, gamma=args.gamma, low=args.low, high=args.high,
                 rules=args.rule, lrn_rule=args.lrn_rule, lrn_epsilon=args.lrn_epsilon,
-                lrn_denominator=args.lrn_denominator, seed=args.seed)
+                lrn_denominator=args.lrn_denominator, seed=args.seed, target_runtime=args.target_runtime)
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -59,6 +62,7 @@ def cmd_inspect(args) -> int:
 
     kw = rule_kwargs(args)
     kw.pop("seed")
+    kw.pop("target_runtime")
     p = plan(args.model, lazy_weights=True, **kw)
     on_path = {id(u) for u in _path(p)}
     rows = [("#", "node", "op", "rule", "notes")]

@@ -19,11 +19,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import __version__
-from .builder import GraphBuilder
+from .builder import GraphBuilder, state_spatial_attributes
 from .composites import RuleOptions, assign_rules, parse_override
 from .errors import InvalidModelError, Offender, RuleError, UnsupportedModelError
 from .load import first_line, prepare, read_model, skeleton
-from .relevance import Ctx, Unsupported, combine, load_handlers
+from .relevance import TARGET_RUNTIMES, Ctx, Unsupported, combine, load_handlers
 from .units import Unit, build_units
 from .view import ModelView
 
@@ -147,7 +147,7 @@ def _why_unsupported(u: Unit) -> str:
 def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
             lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum",
-            lazy_weights: bool = False, exact_forward: bool = False) -> onnx.ModelProto:
+            lazy_weights: bool = False, exact_forward: bool = False, target_runtime: str = "any") -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
 
     The explainer keeps the model's inputs and outputs, adds a required int64 ``target`` input
@@ -161,9 +161,15 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     ``exact_forward``: keep every forward node as it is, so the predictions are bit-identical to
     the model's. By default an ONNX ``LRN`` node is recomputed with the plain ops its rule shares
     (about twice as fast in ONNX Runtime; equal to float rounding), see ``relevance/lrn.py``.
+
+    ``target_runtime``: ``"any"`` (the fastest forms on ONNX Runtime's CPU provider, which every
+    runtime but WebGPU runs) or ``"webgpu"`` (no 3-D pooling, no MaxPool ``Indices``: what
+    onnxruntime-web's WebGPU provider runs; exact too, slower on the CPU). See ``docs/webgpu.md``.
     """
     if seed not in SEEDS:
         raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
+    if target_runtime not in TARGET_RUNTIMES:
+        raise RuleError(f"target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {target_runtime!r}")
     p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
              lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator,
              lazy_weights=lazy_weights)
@@ -171,7 +177,7 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         raise UnsupportedModelError(p.offenders)
     explainer = p.model  # prepare() made our own copy: extend it in place
     g = GraphBuilder(explainer.graph)
-    ctx = Ctx(g, p.view, {"exact_forward": exact_forward})
+    ctx = Ctx(g, p.view, {"exact_forward": exact_forward, "target_runtime": target_runtime})
     R0 = _emit_seed(g, p.view, p.logits, seed)
     exposed: list = [] if layer_relevance else None
     relevance, offenders = emit_relevance(ctx, p.units, p.logits, R0, exposed)
@@ -183,6 +189,8 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         g.identity(tensor, name)
         g.output(name, TensorProto.FLOAT, shape)
     _write_metadata(explainer, p, composite, seed, names, sorted(ctx.forward))
+    explainer.metadata_props.append(onnx.StringStringEntryProto(key="lrponnx.target_runtime", value=target_runtime))
+    state_spatial_attributes(explainer)  # the model's own Convs and pools too (WebGPU reads them)
     _check(explainer, model)
     return explainer
 

@@ -63,6 +63,12 @@ def combine(g: GraphBuilder, parts: list, type_proto=None) -> str:
     return out
 
 
+#: What the explainer's graph is written for. "any": the fastest forms on ONNX Runtime's CPU
+#: provider (3-D AveragePool for the LRN window, MaxPool's Indices for winner-take-all).
+#: "webgpu": only ops and attributes onnxruntime-web's WebGPU provider runs (docs/webgpu.md).
+TARGET_RUNTIMES = ("any", "webgpu")
+
+
 class Unsupported(Exception):
     """Raised by a handler when this particular node cannot be explained (why = message)."""
 
@@ -88,7 +94,7 @@ def handler(*kinds: str, rules: tuple[str, ...] = ("pass",)):
 class Ctx:
     """What a handler may use: the graph builder, the read-only view, and small shared helpers.
 
-    ``options``: compile options (``exact_forward``). ``forward``: forward nodes a handler
+    ``options``: compile options (``exact_forward``, ``target_runtime``). ``forward``: forward nodes a handler
     computes itself because it needs their parts anyway, ``{output tensor: replacement nodes}``;
     the compiler puts them in place of the original node at the end (only LRN does this)."""
 

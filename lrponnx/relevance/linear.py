@@ -45,8 +45,16 @@ class LinearOps:
         return self._weights[key]
 
     def _conv_attrs(self) -> dict:
+        """Every geometry attribute stated (WebGPU's provider reads them from the node)."""
         a = self.p.attrs
-        return dict(strides=a["strides"], pads=a["pads"], dilations=a["dilations"], group=a["group"])
+        return dict(kernel_shape=list(self.p.weight_shape[2:]), strides=a["strides"], pads=a["pads"],
+                    dilations=a["dilations"], group=a["group"])
+
+    def _flipped_attrs(self) -> dict:
+        """The stride-1 backward Conv (kernel flipped, in/out swapped) with padding d(k-1)-p."""
+        a, k = self.p.attrs, list(self.p.weight_shape[2:])
+        return dict(kernel_shape=k, strides=[1] * len(k), pads=self._flipped_pads(), dilations=a["dilations"],
+                    group=a["group"])
 
     def _vjp_output_padding(self) -> list[int]:
         """ConvTranspose output_padding that makes ``W^T q`` exactly the input's spatial size."""
@@ -89,7 +97,7 @@ class LinearOps:
                 # kernel flipped and padding d(k-1)-p, which ORT runs faster than ConvTranspose.
                 a = self.p.attrs
                 return g.op("Conv", q, self.weight(f"{key}_flipped", flipped_transpose(W, a["group"])), hint=hint,
-                            pads=self._flipped_pads(), dilations=a["dilations"], group=a["group"])
+                            **self._flipped_attrs())
             return g.op("ConvTranspose", q, self.weight(key, W), hint=hint,
                         output_padding=self._vjp_output_padding(), **self._conv_attrs())
         if p.kind == "convtranspose":
@@ -170,8 +178,8 @@ class Vjp:
         names = "+".join(t.ops.unit.name for t in terms)
         if first._vjp_as_conv():  # flipped kernels [C, M_b, k]: stack along axis 1
             W = np.concatenate([flipped_transpose(W, 1) for W in Ws], axis=1)
-            return g.op("Conv", q, g.const(W, hint=f"{names}/W_merged_flipped"), pads=first._flipped_pads(),
-                        dilations=a["dilations"], hint="vjp_merged")
+            return g.op("Conv", q, g.const(W, hint=f"{names}/W_merged_flipped"), hint="vjp_merged",
+                        **first._flipped_attrs())  # group 1: merge_key takes group-1 convolutions only
         return g.op("ConvTranspose", q, g.const(np.concatenate(Ws, axis=0), hint=f"{names}/W_merged"),
                     output_padding=first._vjp_output_padding(), hint="vjp_merged", **first._conv_attrs())
 

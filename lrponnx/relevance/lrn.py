@@ -33,36 +33,63 @@ anyway. The predictions then match the model's to float rounding instead of bit 
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..lrn_ops import LRPONNX_DOMAIN, WITHIN_CHANNEL_LRN, LrnSpec
 from ..units import Unit
 from . import Ctx, handler
 
 
-def _window_mean(ctx: Ctx, t: str, spec: LrnSpec, rank: int, mirrored: bool) -> str:
+def _window_mean(ctx: Ctx, t: str, spec: LrnSpec, rank: int, mirrored: bool, channels: int | None) -> str:
     """Mean of ``t`` over each element's LRN window (or its mirror image), zeros outside the
     tensor counted: times ``n`` (across) or ``n * n`` (within) it is the window sum."""
     g = ctx.g
     lo, hi = (spec.hi, spec.lo) if mirrored else (spec.lo, spec.hi)
     if spec.region == "within":
         spatial = rank - 2
-        return g.op("AveragePool", t, kernel_shape=[spec.size] * spatial, pads=[lo] * spatial + [hi] * spatial,
-                    count_include_pad=1, hint="lrn_window")
+        return g.op("AveragePool", t, kernel_shape=[spec.size] * spatial, strides=[1] * spatial,
+                    pads=[lo] * spatial + [hi] * spatial, count_include_pad=1, hint="lrn_window")
+    webgpu = ctx.options.get("target_runtime", "any") == "webgpu"
+    if webgpu and channels is not None:
+        return _banded_mean(ctx, t, channels, spec.size, lo, hi, rank)
     # Across channels: pool x viewed as [N, 1, C, *spatial] with a [size, 1, ...] kernel, i.e. along
     # the channel axis. ORT pools at most three spatial axes: a rank-5+ input is first viewed as
     # [N, C, D, rest]. (Viewing every input as [N, 1, C, L] for a 2-D pool instead measured up to
-    # 5x slower once L = H*W is in the thousands, e.g. 55x55, and only ~0.4 ms faster below.)
-    if rank <= 4:
+    # 5x slower once L = H*W is in the thousands, e.g. 55x55, and only ~0.4 ms faster below; WebGPU,
+    # which pools two axes at most, takes that view when the channel count is not known.)
+    if rank == 3 or (rank == 4 and not webgpu):
         t5 = g.op("Unsqueeze", t, g.ints([1]))
         spatial = rank - 2
     else:
-        t5 = g.op("Unsqueeze", g.op("Reshape", t, g.ints([0, 0, 0, -1]), hint="lrn_flat"), g.ints([1]))
-        spatial = 2
+        t5 = g.op("Unsqueeze", g.op("Reshape", t, g.ints([0, 0, -1] if webgpu else [0, 0, 0, -1]),
+                                    hint="lrn_flat"), g.ints([1]))
+        spatial = 1 if webgpu else 2
     zeros = [0] * spatial
-    avg = g.op("AveragePool", t5, kernel_shape=[spec.size] + [1] * spatial, pads=[lo] + zeros + [hi] + zeros,
-               count_include_pad=1, hint="lrn_window")
-    if rank <= 4:
+    avg = g.op("AveragePool", t5, kernel_shape=[spec.size] + [1] * spatial, strides=[1] * (spatial + 1),
+               pads=[lo] + zeros + [hi] + zeros, count_include_pad=1, hint="lrn_window")
+    if rank == 3 or (rank == 4 and not webgpu):
         return g.op("Squeeze", avg, g.ints([1]), hint="lrn_mean")
     return g.op("Reshape", avg, g.op("Shape", t), hint="lrn_mean")
+
+
+def _banded_mean(ctx: Ctx, t: str, C: int, size: int, lo: int, hi: int, rank: int) -> str:
+    """The across-channel window mean as a 1x1 Conv with a banded C x C matrix of ones (the window
+    sum), divided by ``size`` as the pool divides (ones and a Div, not entries 1/size: that rounds
+    differently, and GoogLeNet's relevance then moved by 8e-6 instead of 1e-7). For WebGPU's
+    provider, which pools at most two axes in its NHWC layout; on the CPU it costs more than the
+    3-D AveragePool (``docs/webgpu.md``), so only there."""
+    g = ctx.g
+    rows = np.arange(C)[:, None]
+    cols = np.arange(C)[None, :]
+    band = ((cols >= rows - lo) & (cols <= rows + hi)).astype(np.float32)
+    attrs = dict(kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
+    W = g.const(band.reshape(C, C, 1, 1), hint="lrn_band")
+    if rank == 4:
+        total = g.op("Conv", t, W, hint="lrn_window", **attrs)
+    else:
+        flat = g.op("Reshape", t, g.ints([0, C, -1, 1]), hint="lrn_flat")  # any rank as [N, C, L, 1]
+        total = g.op("Reshape", g.op("Conv", flat, W, hint="lrn_window", **attrs), g.op("Shape", t))
+    return g.op("Div", total, g.const(float(size)), hint="lrn_mean")
 
 
 def _pow(ctx: Ctx, b: str, beta: float) -> str:
@@ -83,11 +110,11 @@ def _entries(spec: LrnSpec, rank: int) -> int:
     return spec.size if spec.region == "across" else spec.size ** (rank - 2)
 
 
-def _scale(ctx: Ctx, x: str, spec: LrnSpec, rank: int) -> tuple[str, str]:
+def _scale(ctx: Ctx, x: str, spec: LrnSpec, rank: int, channels: int | None) -> tuple[str, str]:
     """``x^2`` and ``s = k + a S`` (S the window sum of x^2)."""
     g = ctx.g
     x2 = g.op("Mul", x, x, hint="lrn_x2")
-    mean = _window_mean(ctx, x2, spec, rank, mirrored=False)
+    mean = _window_mean(ctx, x2, spec, rank, mirrored=False, channels=channels)
     return x2, g.op("Add", g.const(spec.k), g.op("Mul", mean, g.const(spec.a * _entries(spec, rank))), hint="lrn_s")
 
 
@@ -118,16 +145,17 @@ def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
     spec: LrnSpec = unit.info
     shape = ctx.view.shape(x)
     rank = len(shape) if shape is not None else 4
+    channels = shape[1] if shape is not None and len(shape) > 1 else None  # None: symbolic or unknown
     g = ctx.g
     if _replaces_forward(ctx, unit):
         # x^2 and s feed the model's next layer (through y) and the rule below: the nodes go where
         # the LRN node stands, ahead of every forward node that reads y.
         with g.detached() as nodes:
-            x2, s = _scale(ctx, x, spec, rank)
+            x2, s = _scale(ctx, x, spec, rank, channels)
             g.op("Div", x, _pow(ctx, s, spec.beta), output=y)
         ctx.forward[y] = nodes
     elif unit.rule.name == "taylor":
-        x2, s = _scale(ctx, x, spec, rank)
+        x2, s = _scale(ctx, x, spec, rank, channels)
     if unit.rule.name == "identity":
         return {x: R}
     eps = float(unit.rule.params.get("epsilon", 1e-6))
@@ -146,8 +174,8 @@ def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
     q = ctx.stab_div(R, D, eps, hint="lrn_q", nonnegative=_denominator_nonnegative(ctx, x, spec, denominator))
     u = g.op("Mul", x_s, q, hint="lrn_u")
     # sum over {c : i in N(c), c != i} of u_c: the mirrored window's sum minus the centre
-    T = g.op("Sub", g.op("Mul", _window_mean(ctx, u, spec, rank, mirrored=True), g.const(float(entries))), u,
-             hint="lrn_T")
+    window = _window_mean(ctx, u, spec, rank, mirrored=True, channels=channels)
+    T = g.op("Sub", g.op("Mul", window, g.const(float(entries))), u, hint="lrn_T")
     r = g.op("Sub", g.op("Mul", z_self, q),
              g.op("Mul", g.op("Mul", x2, T), g.const(2.0 * spec.a * spec.beta)), hint="r_lrn")
     return {x: r}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from ..evaluate import run_op
 from ..units import Unit
@@ -57,18 +58,22 @@ def _opset(ctx: Ctx) -> int:
     return max([o.version for o in ctx.view.model.opset_import if o.domain in ("", "ai.onnx")] or [17])
 
 
+def _conv_geometry(w: dict, group: int) -> dict:
+    """A (depthwise) convolution over the pool's windows, every attribute stated."""
+    return dict(kernel_shape=w["kernel"], strides=w["strides"], pads=w["pads"], dilations=w["dilations"],
+                group=group)
+
+
 def _window_sum_T(ctx: Ctx, w: dict, q: str) -> str:
     """``P^T q`` for P the window-sum map (depthwise ones kernel)."""
     ones = np.ones([w["C"], 1] + w["kernel"], np.float32)
-    return ctx.g.op("ConvTranspose", q, ctx.g.const(ones, hint="pool_ones"), group=w["C"],
-                    strides=w["strides"], pads=w["pads"], dilations=w["dilations"],
-                    output_padding=w["output_padding"], hint="pool_vjp")
+    return ctx.g.op("ConvTranspose", q, ctx.g.const(ones, hint="pool_ones"), output_padding=w["output_padding"],
+                    hint="pool_vjp", **_conv_geometry(w, w["C"]))
 
 
 def _window_sum(ctx: Ctx, w: dict, x: str) -> str:
     ones = np.ones([w["C"], 1] + w["kernel"], np.float32)
-    return ctx.g.op("Conv", x, ctx.g.const(ones, hint="pool_ones"), group=w["C"], strides=w["strides"],
-                    pads=w["pads"], dilations=w["dilations"], hint="pool_sum")
+    return ctx.g.op("Conv", x, ctx.g.const(ones, hint="pool_ones"), hint="pool_sum", **_conv_geometry(w, w["C"]))
 
 
 @handler("AveragePool", "GlobalAveragePool", rules=("norm", "pass"))
@@ -105,6 +110,8 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         return {x: g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_maxpool")}
     # Winner-take-all = the gradient of max pooling: each output's relevance goes to the
     # input position its max came from; overlapping windows add up (ScatterElements 'add').
+    if ctx.options.get("target_runtime", "any") == "webgpu":
+        return {x: _wta_without_indices(ctx, unit, R)}
     if unit.op_type == "GlobalMaxPool":
         xs = ctx.view.shape(x)
         if not _static(xs, 2):
@@ -112,6 +119,9 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         attrs = dict(kernel_shape=list(xs[2:]))
     else:
         attrs = {k: v for k, v in unit.info.items() if k != "storage_order"}
+    n = len(attrs["kernel_shape"])
+    if "auto_pad" not in attrs:  # every attribute stated, as for every pool the explainer writes
+        attrs = dict(dict(strides=[1] * n, pads=[0] * (2 * n), dilations=[1] * n), **attrs)
     _, indices = g.op("MaxPool", x, outputs=2, hint="argmax", **attrs)
     w = _static_window(ctx, unit) if unit.op_type == "MaxPool" and _disjoint(attrs) else None
     if w is not None:
@@ -142,6 +152,61 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     r_rows = g.op("Reshape", R, as_rows)
     scattered = g.op("ScatterElements", zeros, local, r_rows, axis=1, reduction="add")
     return {x: g.op("Reshape", scattered, g.op("Shape", x), hint="r_maxpool")}
+
+
+def _wta_without_indices(ctx: Ctx, unit: Unit, R: str) -> str:
+    """Winner-take-all without MaxPool's ``Indices`` output (``target_runtime="webgpu"``: WebGPU's
+    provider has no Indices), exact, with the first maximum of each window winning as in torch.
+
+    The K = prod(kernel) entries of every window become K channels per input channel (a grouped
+    Conv with one-hot kernels copies each entry exactly; window entries in the padding are set to
+    -inf), ``ArgMax`` over them picks the first maximum, its one-hot mask times the relevance goes
+    back to the window's positions with the transposed one-hot Conv, where overlapping windows add
+    up. A global pool is one ``ArgMax`` over the flattened plane."""
+    g, x = ctx.g, unit.inputs[0]
+    xs = ctx.view.shape(x)
+    if unit.op_type == "GlobalMaxPool":
+        if not _static(xs, 1):
+            raise Unsupported("winner-take-all without Indices needs static channel and spatial sizes")
+        P = int(np.prod(xs[2:]))
+        flat = g.op("Reshape", x, g.ints([0, xs[1], P]), hint="wta_plane")
+        first = g.op("ArgMax", flat, axis=2, keepdims=1, select_last_index=0, hint="wta_argmax")
+        hit = g.op("Cast", g.op("Equal", first, g.const(np.arange(P).reshape(1, 1, P), dtype=np.int64)),
+                   to=TensorProto.FLOAT, hint="wta_mask")
+        placed = g.op("Mul", hit, g.op("Reshape", R, g.ints([0, xs[1], 1])), hint="wta_place")
+        return g.op("Reshape", placed, g.op("Shape", x), hint="r_maxpool")
+    w = _window(ctx, unit)
+    C, k, ys = w["C"], w["kernel"], w["y_shape"]
+    n, K = len(k), int(np.prod(k))
+    # channel c*K + j holds window entry j (row-major over the kernel: torch's scan order)
+    onehot = g.const(np.tile(np.eye(K, dtype=np.float32).reshape([K, 1] + k), [C, 1] + [1] * n),
+                     hint="wta_onehot")
+    geometry = _conv_geometry(w, C)
+    entries = g.op("Conv", x, onehot, hint="wta_unfold", **geometry)             # [N, C*K, *ys]
+    entries = g.op("Reshape", entries, g.ints([0, C, K] + ys[2:]), hint="wta_windows")  # [N, C, K, *ys]
+    outside = _outside(w)
+    if outside.any():
+        entries = g.op("Add", entries, g.const(np.where(outside, -np.inf, 0.0).astype(np.float32),
+                                               hint="wta_padding"), hint="wta_windows_masked")
+    first = g.op("ArgMax", entries, axis=2, keepdims=1, select_last_index=0, hint="wta_argmax")
+    hit = g.op("Cast", g.op("Equal", first, g.const(np.arange(K).reshape([1, 1, K] + [1] * n), dtype=np.int64)),
+               to=TensorProto.FLOAT, hint="wta_mask")
+    placed = g.op("Mul", hit, g.op("Unsqueeze", R, g.ints([2])), hint="wta_place")  # [N, C, K, *ys]
+    placed = g.op("Reshape", placed, g.ints([0, C * K] + ys[2:]))
+    return g.op("ConvTranspose", placed, onehot, output_padding=w["output_padding"], hint="r_maxpool", **geometry)
+
+
+def _outside(w: dict) -> np.ndarray:
+    """[1, 1, K, *ys]: True where window entry j of output position o lies in the padding."""
+    k, s, d, pads, xs, ys = w["kernel"], w["strides"], w["dilations"], w["pads"], w["x_shape"], w["y_shape"]
+    n = len(k)
+    inside = np.ones([1] * (2 * n), bool)
+    for i in range(n):  # axis i: [k_i, ys_i] positions o s + j d - p, broadcast into [k_0.., ys_0..]
+        pos = np.arange(ys[2 + i])[None, :] * s[i] + np.arange(k[i])[:, None] * d[i] - pads[i]
+        shape = [1] * (2 * n)
+        shape[i], shape[n + i] = k[i], ys[2 + i]
+        inside = inside & ((pos >= 0) & (pos < xs[2 + i])).reshape(shape)
+    return ~inside.reshape([1, 1, int(np.prod(k))] + list(ys[2:]))
 
 
 def _static_window(ctx: Ctx, unit: Unit) -> dict | None:
