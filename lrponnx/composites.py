@@ -63,17 +63,14 @@ def make_rule(name: str, **params) -> Rule:
         if k in merged:
             try:
                 merged[k] = float(merged[k])
-            except (TypeError, ValueError):
-                raise RuleError(f"rule {name!r}: {k} must be a number, got {merged[k]!r}") from None
-    if merged.get("epsilon", 0.0) < 0:
-        raise RuleError(f"rule {name!r}: epsilon must be >= 0, got {merged['epsilon']:g}")
-    for k in ("low", "high"):
-        if name == "zbox" and merged[k] is not None:
-            try:
-                np.asarray(merged[k], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise RuleError(f"rule 'zbox': {k} must be a number or one number per channel "
-                                f"(a/b/c), got {merged[k]!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise RuleError(f"rule {name!r}: {k} must be a number, got {_short(merged[k])}") from None
+            # inf or NaN gives all-zero or all-NaN heatmaps; alpha and beta have their own rule below
+            if not np.isfinite(merged[k]) or (merged[k] < 0 and k in ("epsilon", "gamma")):
+                raise RuleError(f"rule {name!r}: {k} must be a finite number"
+                                f"{' >= 0' if k in ('epsilon', 'gamma') else ''}, got {merged[k]:g}")
+    if name == "zbox":
+        _check_box(merged["low"], merged["high"])
     if name == "alpha-beta":
         a, b = float(merged["alpha"]), float(merged["beta"])
         if a < 0 or b < 0 or abs(a - b - 1.0) > 1e-9:
@@ -81,6 +78,54 @@ def make_rule(name: str, **params) -> Rule:
     if name == "taylor" and merged["denominator"] not in ("sum", "output"):
         raise RuleError(f"taylor's denominator must be 'sum' or 'output', got {merged['denominator']!r}")
     return Rule(name, merged)
+
+
+def _short(v) -> str:
+    from .errors import shorten
+
+    return shorten(repr(v))
+
+
+def _check_box(low, high) -> None:
+    """zbox bounds: finite numbers, scalar or one per channel, low <= high everywhere."""
+    arrays = {}
+    for k, v in (("low", low), ("high", high)):
+        if v is None:
+            continue
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise RuleError(f"rule 'zbox': {k} must be a number or one number per channel "
+                            f"(a/b/c), got {_short(v)}") from None
+        if a.ndim > 1 or a.size == 0:
+            raise RuleError(f"rule 'zbox': {k} must be a number or one number per channel, got {_short(v)}")
+        if not np.all(np.isfinite(a)):
+            raise RuleError(f"rule 'zbox': {k} must be finite numbers, got {_fmt(a.tolist())}")
+        arrays[k] = a.reshape(-1)
+    if len(arrays) == 2:
+        lo, hi = arrays["low"], arrays["high"]
+        if lo.size != hi.size and 1 not in (lo.size, hi.size):
+            raise RuleError(f"rule 'zbox': low has {lo.size} values and high {hi.size}; give a scalar or "
+                            "one value per channel for each")
+        bad = np.nonzero(np.broadcast_to(lo, np.broadcast_shapes(lo.shape, hi.shape)) > hi)[0]
+        if bad.size:
+            i = int(bad[0])
+            raise RuleError(f"rule 'zbox': low must be <= high, got low={_fmt(float(lo[min(i, lo.size - 1)]))} > "
+                            f"high={_fmt(float(hi[min(i, hi.size - 1)]))}"
+                            + (f" (channel {i})" if max(lo.size, hi.size) > 1 else ""))
+
+
+def check_options(opts: "RuleOptions") -> None:
+    """Check every rule parameter of the options, used by the composite or not (``--gamma nan``
+    with a composite without the gamma rule is still a mistake): through :func:`make_rule`,
+    the one place rule parameters are made."""
+    make_rule("epsilon", epsilon=opts.epsilon)
+    make_rule("gamma", gamma=opts.gamma)
+    make_rule("zbox", low=opts.low, high=opts.high)
+    try:
+        make_rule("taylor", epsilon=opts.lrn_epsilon, denominator=opts.lrn_denominator)
+    except RuleError as e:
+        raise RuleError(f"{e} (the LRN rule's stabiliser, --lrn-epsilon)") from None
 
 
 def parse_rule(text: str) -> Rule:
@@ -98,7 +143,10 @@ def parse_rule(text: str) -> Rule:
 
 def _parse_value(v: str):
     if "/" in v:
-        return [float(x) for x in v.split("/")]
+        try:
+            return [float(x) for x in v.split("/")]
+        except ValueError:
+            raise RuleError(f"bad per-channel value {_short(v)}; expected numbers separated by /") from None
     try:
         return float(v)
     except ValueError:
@@ -168,6 +216,7 @@ def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> Non
         raise RuleError(f"unknown LRN rule {opts.lrn_rule!r}; choose taylor or identity")
     if opts.lrn_denominator not in ("sum", "output"):
         raise RuleError(f"taylor's denominator must be 'sum' or 'output', got {opts.lrn_denominator!r}")
+    check_options(opts)
     comp = COMPOSITES[opts.composite]
     table = load_handlers()
     mark_first_layers(units, inputs)

@@ -16,6 +16,24 @@ class RuleError(LrpOnnxError):
     """A rule, composite or override was given wrong parameters."""
 
 
+class OutputError(LrpOnnxError):
+    """An output path that cannot be written safely (it is an input, a device, a folder...)."""
+
+
+#: Longest user-supplied name (node, layer, tensor, file) echoed into a message.
+NAME_LIMIT = 80
+
+
+def shorten(name, limit: int = NAME_LIMIT) -> str:
+    """A user-supplied name as it may appear in a message: at most ``limit`` characters, the
+    middle replaced by an ellipsis (a 1 MB layer name is not echoed whole). Not quoted."""
+    text = name if isinstance(name, str) else str(name)
+    if len(text) <= limit:
+        return text
+    keep = limit - 1
+    return text[: keep - keep // 3] + "\u2026" + text[len(text) - keep // 3:]
+
+
 @dataclass(frozen=True)
 class Offender:
     node: str
@@ -23,7 +41,7 @@ class Offender:
     why: str
 
     def __str__(self) -> str:
-        return f"  - node {self.node!r} ({self.op_type}): {self.why}"
+        return f"  - node {shorten(self.node)!r} ({shorten(self.op_type)}): {self.why}"
 
 
 class UnsupportedModelError(LrpOnnxError):

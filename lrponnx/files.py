@@ -1,13 +1,16 @@
-"""Writing results so that a failure never leaves a half-written file behind."""
+"""Writing results so that a failure never leaves a half-written file behind, and never
+destroys a user's file: every writer goes through :func:`check_output` (via :func:`atomic_path`)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 import onnx
 
+from .errors import OutputError, shorten
 from .load import set_external_location, stored_dtype, tensor_nbytes
 
 #: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
@@ -15,44 +18,170 @@ from .load import set_external_location, stored_dtype, tensor_nbytes
 EXTERNAL_DATA_THRESHOLD = 512 << 20
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _show(path) -> str:
+    return repr(shorten(os.fspath(path)))
+
+
+def check_output(path, inputs=()) -> Path:
+    """Refuse to write ``path`` when that would lose data or cannot work; return it as a Path.
+
+    The one guard every writer shares (``convert``, ``caffe2onnx``, ``zoo build``, ``demo``,
+    :func:`save_model`, :func:`atomic_path`). Refused, with one clear :class:`OutputError`:
+
+    - ``path`` is the same file as one of ``inputs`` (compared by device and inode, so another
+      spelling, a symlink or a hard link is caught too);
+    - ``path`` exists and is not a regular file (a folder, a device node such as ``/dev/null``,
+      a FIFO, a socket): replacing it would destroy it, even for root;
+    - its folder does not exist, or is not a folder (``file.txt/out.onnx``). Single-file writers
+      never create folders, as ``cp`` does not.
+    """
+    path = Path(os.fspath(path))
+    folder = path.parent
     try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise OutputError(f"cannot write {_show(path)}: {_show(_first_non_folder(folder))} is a file, "
+                          "not a folder") from None
+    except OSError as e:
+        raise OutputError(f"cannot write {_show(path)}: {e.strerror or e}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"output {_show(path)} is a folder; give a file name")
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"output {_show(path)} exists and is not a regular file (a device, FIFO or "
+                              "socket); refusing to replace it")
+        for src in inputs:
+            if src is None:
+                continue
+            try:
+                other = os.stat(os.fspath(src))
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                raise OutputError(f"output {_show(path)} is the input file {_show(src)}; "
+                                  "choose another output name")
+    if not os.path.isdir(folder if str(folder) else "."):
+        if os.path.lexists(folder):
+            raise OutputError(f"cannot write {_show(path)}: {_show(folder)} is not a folder")
+        raise OutputError(f"output folder {_show(folder)} does not exist (create it first)")
+    return path
+
+
+def _first_non_folder(folder: Path) -> Path:
+    """The first component of ``folder`` that exists and is not a folder (for the message)."""
+    for p in reversed([folder, *folder.parents]):
+        if os.path.lexists(p) and not os.path.isdir(p):
+            return p
+    return folder
+
+
+def check_output_folder(path, create: bool = True) -> Path:
+    """A folder that results go into (``demo -o``, ``zoo build -o``): an existing file there is
+    refused with one line; a missing folder is created (with its parents, as ``mkdir -p``)."""
+    path = Path(os.fspath(path))
+    if os.path.lexists(path) and not path.is_dir():
+        raise OutputError(f"output {_show(path)} exists and is not a folder")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise OutputError(f"cannot create folder {_show(path)}: {_show(_first_non_folder(path))} "
+                              "is a file") from None
+        except NotADirectoryError:
+            raise OutputError(f"cannot create folder {_show(path)}: {_show(_first_non_folder(path))} "
+                              "is a file") from None
+        except OSError as e:
+            raise OutputError(f"cannot create folder {_show(path)}: {e.strerror or e}") from None
+    return path
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the umask (0666 & ~umask), as ``open()`` and other tools give."""
+    try:
+        with open("/proc/self/status") as f:  # read without changing it (threads may be creating files)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path, inputs=()):
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    ``path`` passes :func:`check_output` first (against ``inputs``) and is checked again just
+    before the replace. Whatever ends the block (an error, Ctrl-C, SIGTERM through the CLI's
+    handler) removes the temporary file. The result gets the umask's mode, not mkstemp's 0600.
+    """
+    path = check_output(path, inputs)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
+        check_output(path, inputs)  # nothing appeared there meanwhile that must not be replaced
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, permission denied, ...: say which output, not the temporary name
+        where = "" if e.filename in (None, tmp, str(tmp)) else f" ({shorten(os.fsdecode(e.filename))})"
+        raise OutputError(f"cannot write {_show(path)}: {e.strerror or e}{where}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
 
 
-def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> Path:
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, inputs=()) -> Path:
     """Save atomically; large models (or ``external_data=True``) keep weights in ``<name>.data``.
+
+    Neither the model file nor its data file may be one of ``inputs`` or a file the model's
+    external tensors still live in (see :func:`check_output`).
 
     Saving with external data moves the weights of the in-memory ``model`` out to the file.
     Tensors that still live in another file (read with ``lazy_weights``) are copied file to
     file, in the kernel where it can, so the weights never pass through memory as a whole; such
     a model is always saved with external data.
     """
-    path = Path(path)
+    path = Path(os.fspath(path))
+    external = _external_tensors(model)
+    inputs = [*inputs, *{_location(t) for t in external}]
     if external_data is None:
-        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(_external_tensors(model))
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(external)
+    data_path = path.parent / (path.name + ".data")
+    check_output(path, inputs)
     if not external_data:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(model.SerializeToString())
+        data = _serialize(model)
+        with atomic_path(path, inputs) as tmp:
+            tmp.write_bytes(data)
         return path
-    data_name = path.name + ".data"
-    with atomic_path(path.parent / data_name) as tmp_data:
+    check_output(data_path, inputs)
+    with atomic_path(data_path, inputs) as tmp_data:
         with open(tmp_data, "wb", buffering=0) as out:
             for t in _weight_tensors(model):
-                _write_tensor(t, out, data_name)
-        with atomic_path(path) as tmp_model:
-            tmp_model.write_bytes(model.SerializeToString())
+                _write_tensor(t, out, data_path.name)
+        data = _serialize(model)
+        with atomic_path(path, inputs) as tmp_model:
+            tmp_model.write_bytes(data)
     return path
+
+
+def _serialize(model: onnx.ModelProto) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as e:  # protobuf refuses messages over 2 GiB
+        raise OutputError(f"the model is too large for one ONNX file ({e}); store its weights in a side "
+                          "file (--external-data)") from None
+
+
+def _location(t: onnx.TensorProto) -> str:
+    from onnx.external_data_helper import ExternalDataInfo
+
+    return ExternalDataInfo(t).location
 
 
 #: Tensors at most this large stay inside the .onnx file (as onnx's own saver does).

@@ -14,7 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from .errors import InvalidModelError
+from .errors import InvalidModelError, shorten
 from .lrn_ops import align_function_opset
 
 #: The lowest default-domain opset the compiler emits. Older models are upgraded to it first
@@ -48,6 +48,7 @@ def read_model(src, lazy_weights: bool = False) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         # protobuf parses many foreign byte strings into an empty message without complaint
         raise InvalidModelError(f"{path}: not an ONNX model (no graph found; is the file truncated?)")
+    check_text(model, str(path))
     try:
         if lazy_weights:
             _pin_external_data(model, path.parent)
@@ -55,7 +56,93 @@ def read_model(src, lazy_weights: bool = False) -> onnx.ModelProto:
             onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise InvalidModelError(f"{path}: cannot read its external data ({e})") from None
+    check_tensor_sizes(model)
     return model
+
+
+def check_text(msg, where: str = "the model") -> None:
+    """Every string field of the model must be UTF-8 text. protobuf hands a name with other
+    bytes back as ``bytes`` (or fails when it is read), far from where it came from."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [(msg, type(msg).__name__)]
+    while stack:
+        m, path = stack.pop()
+        try:
+            fields = m.ListFields()
+        except UnicodeDecodeError as e:
+            raise InvalidModelError(f"{where}: a {path} field is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for fd, value in fields:
+            if fd.type == FieldDescriptor.TYPE_STRING:
+                for i, v in enumerate(value if _repeated(fd) else [value]):
+                    if isinstance(v, bytes):
+                        try:
+                            v.decode("utf-8")
+                        except UnicodeDecodeError as e:
+                            text = v.decode("utf-8", "backslashreplace")
+                            raise InvalidModelError(
+                                f"{where}: {path}.{fd.name} '{shorten(text)}' is not UTF-8 text "
+                                f"(byte {e.start} is 0x{v[e.start]:02x})") from None
+            elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+                items = value if _repeated(fd) else [value]
+                for v in items:
+                    stack.append((v, _describe(v, fd.name)))
+
+
+def _repeated(fd) -> bool:
+    try:
+        return bool(fd.is_repeated)
+    except AttributeError:  # older protobuf
+        return fd.label == fd.LABEL_REPEATED
+
+
+def _describe(m, field: str) -> str:
+    kind = type(m).__name__.replace("Proto", "").lower() or field
+    try:
+        name = getattr(m, "name", None)
+    except UnicodeDecodeError:
+        name = None
+    if isinstance(name, str) and name:
+        return f"{kind} {shorten(name)!r}"
+    return kind
+
+
+def _held_elements(t: onnx.TensorProto) -> int | None:
+    """How many elements an inline tensor holds (None: external or an unknown type)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    if t.HasField("raw_data"):
+        try:
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+        return len(t.raw_data) * 2 if t.data_type in bits else len(t.raw_data) // max(size, 1)
+    for field in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+        n = len(getattr(t, field))
+        if n:
+            if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                n //= 2
+            return n
+    return 0
+
+
+def check_tensor_sizes(model: onnx.ModelProto) -> None:
+    """Each initializer's declared shape must match the data it holds: a tensor declaring 2^40
+    elements with no data would otherwise be allocated (and fail) deep inside the compiler."""
+    for t in model.graph.initializer:
+        numel = 1
+        for d in t.dims:
+            if d < 0:
+                raise InvalidModelError(f"initializer {shorten(t.name)!r} has a negative dimension {list(t.dims)}")
+            numel *= d
+        held = _held_elements(t)
+        if held is None or held == numel or t.data_type == onnx.TensorProto.STRING and held == numel:
+            continue
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and held in (numel, numel + 1):
+            continue
+        raise InvalidModelError(f"initializer {shorten(t.name)!r} is corrupt: its dimensions {list(t.dims)} "
+                                f"declare {numel:,} elements, but it holds {held:,}")
 
 
 def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
@@ -168,6 +255,7 @@ def prepare(src, lazy_weights: bool = False) -> onnx.ModelProto:
     except Exception as e:
         raise InvalidModelError(f"onnx shape inference failed on the model: {first_line(e)}") from None
     _name_nodes(sk.graph)
+    check_geometry(sk)
     if _has_ceil_pooling(sk):
         _measure_shapes(sk, model)
     restore(model, sk, fake)
@@ -286,6 +374,16 @@ def _measure_shapes(sk: onnx.ModelProto, model: onnx.ModelProto) -> None:
     wanted = [v for v in g.value_info if v.type.HasField("tensor_type")]
     if not wanted:
         return
+    need = _activation_bytes(sk)
+    if need > MEASURE_BYTES:
+        # Running the model at its declared size would take that much memory (and more).
+        if any(n.op_type == "AveragePool" and any(a.name == "ceil_mode" and a.i for a in n.attribute)
+               for n in g.node):
+            raise InvalidModelError(
+                f"the model's declared input size is too large to convert: its ceil_mode AveragePool "
+                f"output sizes must be measured by running it once, which needs about {need / 2**30:.1f} GiB "
+                f"(limit {MEASURE_BYTES / 2**30:.0f} GiB); declare a smaller input size")
+        return  # at opset 22 onnx's inference of ceil_mode MaxPool is right; only AveragePool needs it
     probe = onnx.ModelProto()
     probe.CopyFrom(sk)
     del probe.graph.output[:]
@@ -315,6 +413,104 @@ def _measure_shapes(sk: onnx.ModelProto, model: onnx.ModelProto) -> None:
         for k, d in enumerate(dims):
             if d.HasField("dim_value") and d.dim_value != arr.shape[k]:
                 d.dim_value = arr.shape[k]
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict:
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for v in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if v.name in shapes or not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+            continue
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    return shapes
+
+
+def check_geometry(model: onnx.ModelProto) -> None:
+    """Weights whose shape cannot be the weight of their node (a corrupt file), and windows
+    larger than their padded input, named plainly instead of failing later (or being reported
+    as a weight "computed at run time")."""
+    shapes = _known_shapes(model)
+    weights = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        where = f"node {shorten(node.name)!r} ({node.op_type})"
+        x = shapes.get(node.input[0]) if node.input else None
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in weights:
+            w = shapes.get(node.input[1])
+            if w is None:
+                continue
+            wname = shorten(node.input[1])
+            if len(w) < 3 or (x is not None and len(x) != len(w)):
+                rank = f"{len(x)}-D input" if x is not None else "input"
+                raise InvalidModelError(f"{where}: weight {wname!r} has shape {w}, which cannot be the weight "
+                                        f"of a {node.op_type} on a {rank} (corrupt dimensions?)")
+            group = int(a.get("group", 1))
+            c_in = w[1] * group if node.op_type == "Conv" else w[0]
+            if x is not None and x[1] is not None and x[1] != c_in:
+                raise InvalidModelError(f"{where}: weight {wname!r} has shape {w}, which takes {c_in} input "
+                                        f"channels, but the input has {x[1]} (corrupt dimensions?)")
+            if "kernel_shape" in a and list(a["kernel_shape"]) != w[2:]:
+                raise InvalidModelError(f"{where}: weight {wname!r} has shape {w}, but kernel_shape is "
+                                        f"{list(a['kernel_shape'])} (corrupt dimensions?)")
+            if node.op_type == "Conv":
+                _check_window(where, x, w[2:], a)
+        elif node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in weights:
+            w = shapes.get(node.input[1])
+            if w is not None and len(w) != 2:
+                raise InvalidModelError(f"{where}: weight {shorten(node.input[1])!r} has shape {w}; a Gemm "
+                                        "weight has two dimensions (corrupt dimensions?)")
+            k = None if w is None else (w[1] if a.get("transB", 0) else w[0])
+            xk = None if x is None or len(x) != 2 else (x[0] if a.get("transA", 0) else x[1])
+            if k is not None and xk is not None and k != xk:
+                raise InvalidModelError(f"{where}: weight {shorten(node.input[1])!r} has shape {w}, which takes "
+                                        f"{k} inputs, but the input has {xk} (corrupt dimensions?)")
+        elif node.op_type in ("MaxPool", "AveragePool", "LpPool") and "kernel_shape" in a:
+            _check_window(where, x, list(a["kernel_shape"]), a)
+
+
+def _check_window(where: str, x, kernel: list, a: dict) -> None:
+    if x is None or len(x) != len(kernel) + 2:
+        return
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID", ""):
+        return
+    n = len(kernel)
+    pads = list(a.get("pads", [0] * (2 * n)))
+    dil = list(a.get("dilations", [1] * n))
+    if len(pads) != 2 * n or len(dil) != n:
+        return
+    for i in range(n):
+        size = x[2 + i]
+        if size is None:
+            continue
+        span = (kernel[i] - 1) * dil[i] + 1
+        if span > size + pads[i] + pads[n + i]:
+            raise InvalidModelError(f"{where}: its window ({'x'.join(map(str, kernel))}) is larger than its "
+                                    f"input ({'x'.join(str(d) for d in x[2:])}, padded by {pads})")
+
+
+#: Running a model once to measure its shapes (see :func:`_measure_shapes`) may use this much for
+#: its batch-1 activations; beyond it the declared input is too large to run at convert time.
+MEASURE_BYTES = 1 << 30
+
+
+def _activation_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every tensor of one batch-1 forward pass, from the inferred shapes."""
+    total = 0
+    for v in list(model.graph.input) + list(model.graph.value_info):
+        t = v.type.tensor_type if v.type.HasField("tensor_type") else None
+        if t is None or not t.HasField("shape"):
+            continue
+        n = 1
+        for d in t.shape.dim:
+            n *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+        try:
+            n *= onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            n *= 4
+        total += n
+    return total
 
 
 def _has_ceil_pooling(model: onnx.ModelProto) -> bool:

@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
             bad = sorted(set(opts) - allowed)
             if bad:
                 raise LrpOnnxError(f"{entry.name} does not take --{', --'.join(bad)}")
-            path = registry.build(entry.name, args.out_dir, **opts)
+            from lrponnx.files import check_output, check_output_folder
+
+            out_dir = check_output_folder(args.out_dir)  # an existing file there: one line
+            check_output(out_dir / f"{entry.name}.onnx")  # nor a folder or device named like the model
+            path = registry.build(entry.name, out_dir, **opts)
             print(path)
             return 0
         raise LrpOnnxError(f"unknown zoo command {args.zoo_command!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -61,54 +60,32 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _same_file(a: Path, b: str | None) -> bool:
-    if b is None:
-        return False
-    try:
-        return a.resolve() == Path(b).resolve()
-    except OSError:
-        return False
+def write_atomic(data: bytes, path: str | os.PathLike, inputs=()) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``,
+    after lrponnx's one output guard (:func:`lrponnx.files.check_output`: never an input file,
+    a device, a folder, or into a missing folder)."""
+    from lrponnx.files import atomic_path
 
-
-def write_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InvalidModelError(f"output folder {str(folder)!r} does not exist")
-    if path.is_dir():
-        raise InvalidModelError(f"output {str(path)!r} is a directory")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with atomic_path(path, inputs) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as e:
-        raise InvalidModelError(f"cannot write to {str(folder)!r}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise InvalidModelError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-        raise
+        raise InvalidModelError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``caffe2onnx``; returns 0, or 2 after printing one clear message for a user error."""
     from . import convert
 
+    from lrponnx.files import check_output
+
     out = Path(args.output)
+    inputs = [args.prototxt, args.caffemodel, args.mean_file]
     try:
-        if _same_file(out, args.prototxt) or _same_file(out, args.caffemodel) or _same_file(out, args.mean_file):
-            raise InvalidModelError(f"output {str(out)!r} would overwrite an input file")
+        check_output(out, inputs)  # before the work
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = convert(args.prototxt, args.caffemodel, mean=args.mean, mean_file=args.mean_file,
@@ -121,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             data = model.SerializeToString()
         except ValueError as e:  # protobuf refuses messages over 2 GiB
             raise InvalidModelError(f"the converted model is too large for a single ONNX file: {e}") from None
-        write_atomic(data, out)
+        write_atomic(data, out, inputs)
     except LrpOnnxError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

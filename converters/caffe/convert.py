@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -139,14 +140,29 @@ def _read_bytes(path: str | os.PathLike, what: str) -> bytes:
         raise InvalidModelError(f"cannot read {what} {str(p)!r}: {e.strerror or e}") from None
 
 
+def _decode_prototxt(raw: bytes, name: str) -> str:
+    """Prototxt bytes as text: UTF-8, else Latin-1 (old nets carry Latin-1 comments and names;
+    Caffe's own parser reads bytes), with a warning. Bytes that are not text (NUL and other
+    control characters) are refused as binary, saying where."""
+    bad = re.search(rb"[\x00-\x08\x0e-\x1f\x7f]", raw)
+    if bad is not None:
+        line = raw.count(b"\n", 0, bad.start()) + 1
+        raise InvalidModelError(f"{name} is not a text prototxt: byte {bad.start()} (line {line}) is the control "
+                                f"character 0x{raw[bad.start()]:02x} (a binary file? a .caffemodel goes second)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        warnings.warn(f"{name} is not UTF-8 text (byte {e.start}, line {line}, is 0x{raw[e.start]:02x}); "
+                      "read it as Latin-1")
+        return raw.decode("latin-1")
+
+
 def load_prototxt(path: str | os.PathLike):
     """The NetParameter of a text prototxt; InvalidModelError (one line) when it is not one."""
     raw = _read_bytes(path, "prototxt")
     name = Path(path).name
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidModelError(f"{name} is not a text prototxt (it is binary; a .caffemodel goes second)") from None
+    text = _decode_prototxt(raw, name)
     try:
         net = cpb.parse_prototxt(text)
     except cpb.ProtoError as e:
@@ -301,6 +317,16 @@ def _layers_of(net) -> list[_Layer]:
     return out
 
 
+#: Largest input dimension accepted (ONNX Runtime and most kernels index with 32-bit sizes per axis).
+MAX_DIM = 2**31 - 1
+
+
+def _shorten(text: str) -> str:
+    from lrponnx.errors import shorten
+
+    return shorten(text)
+
+
 def _parse_input_shape(spec) -> tuple[list[int], bool]:
     """'1,3,227,227' or a sequence -> (dims, batch_is_symbolic). 'N', '?' or -1 as the first dim: symbolic."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
@@ -315,10 +341,14 @@ def _parse_input_shape(spec) -> tuple[list[int], bool]:
             continue
         try:
             d = int(it)
-        except (TypeError, ValueError):
-            raise InvalidModelError(f"--input-shape {spec!r}: {it!r} is not a positive integer") from None
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidModelError(f"--input-shape {_shorten(str(spec))!r}: {_shorten(str(it))!r} is not a positive "
+                                    "integer") from None
         if d <= 0:
-            raise InvalidModelError(f"--input-shape {spec!r}: dimensions must be positive")
+            raise InvalidModelError(f"--input-shape {_shorten(str(spec))!r}: dimensions must be positive")
+        if d > MAX_DIM:
+            raise InvalidModelError(f"--input-shape {_shorten(str(spec))!r}: {_shorten(str(d))} is too large "
+                                    f"(at most {MAX_DIM:,} per dimension)")
         dims.append(d)
     return dims, symbolic
 

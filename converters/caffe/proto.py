@@ -12,6 +12,8 @@ The descriptor lives in a private :class:`DescriptorPool`, so it never clashes w
 """
 from __future__ import annotations
 
+import sys
+
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import message as _message
 
@@ -312,6 +314,9 @@ def parse_prototxt(text: str):
         text_format.Parse(text, net, allow_unknown_extension=True, allow_unknown_field=True)
     except text_format.ParseError as e:
         raise ProtoError(str(e)) from None
+    except RecursionError:  # protobuf's text parser recurses once per nested message
+        raise ProtoError(f"messages are nested too deeply (more than about {sys.getrecursionlimit()} "
+                         "levels; a real net needs a handful)") from None
     return net
 
 
