@@ -39,6 +39,8 @@ from lrponnx.web import server as web
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "lrponnx" / "web" / "static"
 ZOO_MODEL = ROOT / "model_zoo" / "cifar10_lrn.onnx"
+# as tests/js/run_browser.mjs: Chromium's software WebGPU adapter (SwiftShader)
+WEBGPU_FLAGS = "--enable-unsafe-webgpu --use-webgpu-adapter=swiftshader"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,11 +414,12 @@ def _start_web(explainer: Path, tmp_path: Path):
     raise AssertionError(f"lrponnx web did not start: {proc.stderr.read()}")
 
 
-def _drive(url: str, steps: list, tmp_path: Path) -> dict:
+def _drive(url: str, steps: list, tmp_path: Path, flags: str = "") -> dict:
     src, dst = tmp_path / "steps.json", tmp_path / "page.json"
     src.write_text(json.dumps(steps))
     r = subprocess.run(["node", str(ROOT / "tests" / "web" / "drive_page.mjs"), "--url", url, "--steps", str(src),
-                        "--out", str(dst), "--chromium", CHROMIUM], capture_output=True, text=True, timeout=600)
+                        "--out", str(dst), "--chromium", CHROMIUM, "--flags", flags],
+                       capture_output=True, text=True, timeout=600)
     assert dst.exists(), r.stderr
     out = json.loads(dst.read_text())
     assert not out.get("error"), (out.get("error"), out.get("log"))
@@ -453,9 +456,10 @@ def test_page_in_chromium_matches_python(explainer_path, tmp_path):
         small, big = sample_image("cat", (32, 32)), sample_image("cat", None)
     except Exception:  # noqa: BLE001 - no scikit-image: a synthetic photo does as well
         small, big = _photo(32, 32, 3), _photo(300, 451, 4)
-    small_png, big_png = tmp_path / "cat32.png", tmp_path / "cat_full.png"
+    small_png, big_png, small_jpg = tmp_path / "cat32.png", tmp_path / "cat_full.png", tmp_path / "cat32.jpg"
     Image.fromarray(small).save(small_png)
     Image.fromarray(big).save(big_png)
+    Image.fromarray(small).save(small_jpg, quality=75, subsampling=2)  # 4:2:0, the common JPEG
     x = pre.apply(small)
     first = ex.explain(x[None])
     logits = first.outputs[ex.model_outputs[0]][0]
@@ -472,12 +476,14 @@ def test_page_in_chromium_matches_python(explainer_path, tmp_path):
             {"screenshot": str(shot)},
             {"render": {"relevance": first.relevance[0].ravel().tolist(), "display": small.ravel().tolist()}},
             {"upload": str(big_png)},
+            {"upload": str(small_jpg)},
         ], tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert out["cross_origin_isolated"] is True
-    s1, s2, rendered, s3 = out["steps"][0], out["steps"][1], out["steps"][3]["render"], out["steps"][4]
+    s1, s2, rendered, s3, s4 = (out["steps"][0], out["steps"][1], out["steps"][3]["render"], out["steps"][4],
+                                out["steps"][5])
 
     # 1. the tensor the page fed is Python's, bit for bit
     r1 = s1["result"]
@@ -517,8 +523,49 @@ def test_page_in_chromium_matches_python(explainer_path, tmp_path):
     _, display_py = pre.load_image(big_png)
     display_js = np.asarray(s3["result"]["display"], np.uint8).reshape(32, 32, 3)
     assert np.abs(display_js.astype(int) - display_py).max() <= 1
-    # 8. the screenshot: a PNG of the whole page
+    # 8. a JPEG: Chromium's decoder gives Pillow's pixels (both libjpeg-turbo, fancy upsampling)
+    tensor_py, display_py = pre.load_image(small_jpg)
+    assert np.array_equal(np.asarray(s4["result"]["display"], np.uint8).reshape(32, 32, 3), display_py)
+    assert np.array_equal(np.asarray(s4["result"]["tensor"], np.float32), tensor_py.ravel())
+    # 9. the screenshot: a PNG of the whole page
     with Image.open(shot) as im:
         assert im.format == "PNG" and im.width >= 1000 and im.height >= 600
     print(f"\nweb page: relevance rel. L2 {err1:.2e} (predicted), {err2:.2e} (class {second_class}); "
           f"explainer loaded in {out['load_ms']} ms; {out['browser_version']}; screenshot {shot}")
+
+
+@pytest.mark.slow
+def test_page_on_webgpu(tmp_path):
+    """The page's WebGPU runtime (?ep=webgpu) on Chromium's software adapter, with an explainer written
+    for it (--target-runtime webgpu): same relevance as Python, for the prediction and a clicked class."""
+    why = missing("webgpu")
+    if why:
+        pytest.skip(why)
+    from lrponnx.runtime import Explainer
+
+    explainer = tmp_path / "webgpu.onnx"
+    assert main(["convert", str(ZOO_MODEL), "-o", str(explainer), "--target-runtime", "webgpu"]) == 0
+    ex = Explainer(explainer)
+    pre = Preprocessing.from_model(ex.model)
+    img = _photo(32, 32, 11)
+    png = tmp_path / "img.png"
+    Image.fromarray(img).save(png)
+    x = pre.apply(img)[None]
+    first = ex.explain(x)
+    logits = first.outputs[ex.model_outputs[0]][0]
+    second_class = int(np.argsort(-logits, kind="stable")[1])
+    second = ex.explain(x, target=second_class)
+    proc, url = _start_web(explainer, tmp_path)
+    try:
+        out = _drive(url + "?ep=webgpu", [{"upload": str(png)}, {"click": "#classes li:nth-child(2) button"}],
+                     tmp_path, flags=WEBGPU_FLAGS)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    r1, r2 = out["steps"][0]["result"], out["steps"][1]["result"]
+    assert "(webgpu)" in out["steps"][0]["explained"]
+    assert r1["target"] == int(first.target[0]) and r2["target"] == second_class
+    err1, err2 = _rel_l2(r1["relevance"], first.relevance), _rel_l2(r2["relevance"], second.relevance)
+    assert err1 <= 1e-4 and err2 <= 1e-4, (err1, err2)
+    print(f"\nweb page on WebGPU (software adapter): relevance rel. L2 {err1:.2e}, {err2:.2e}; "
+          f"first run {r1['ms']:.0f} ms, second {r2['ms']:.0f} ms")

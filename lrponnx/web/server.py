@@ -178,24 +178,31 @@ def page_meta(model, name: str = "explainer.onnx") -> tuple[dict, list[str]]:
 # --------------------------------------------------------------------------------------------------
 # sample photos
 # --------------------------------------------------------------------------------------------------
-def _sample_pngs() -> dict[str, bytes]:
-    """{name: PNG bytes} of the bundled sample photos at full size; {} without scikit-image."""
-    try:
-        from PIL import Image
+def _sample_names() -> dict[str, bytes | None]:
+    """{name: None} for the bundled sample photos when scikit-image is installed (rendered on first
+    request, so the server starts at once), else {}."""
+    import importlib.util
 
-        from ..samples import SAMPLE_NAMES, SamplesUnavailableError, sample_image
-    except ImportError:
+    if importlib.util.find_spec("skimage") is None:
         return {}
-    found = {}
-    for n in SAMPLE_NAMES:
-        try:
-            rgb = sample_image(n, size=None)
-        except (SamplesUnavailableError, ValueError):
-            continue
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="PNG")
-        found[n] = buf.getvalue()
-    return found
+    from ..samples import SAMPLE_NAMES
+
+    return {n: None for n in SAMPLE_NAMES}
+
+
+def _sample_png(name: str) -> bytes | None:
+    """One sample photo at full size as PNG bytes; None when scikit-image cannot give it."""
+    from PIL import Image
+
+    from ..samples import SamplesUnavailableError, sample_image
+
+    try:
+        rgb = sample_image(name, size=None)
+    except (SamplesUnavailableError, ValueError):
+        return None
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +224,7 @@ class WebApp:
         self.meta["webgpu_build"] = all((self.ort_dist / f).is_file() for f in ORT_WEBGPU)
         self._meta_bytes = json.dumps(self.meta, separators=(",", ":")).encode()
         self._static = {p.name for p in self.static_dir.iterdir() if p.is_file()}
+        self._samples_lock = threading.Lock()
         self._ort = {p.name for p in self.ort_dist.iterdir() if p.is_file()}
 
     def lookup(self, path: str) -> tuple[str, object] | None:
@@ -236,8 +244,16 @@ class WebApp:
             return _MIME.get(suffix) or mimetypes.guess_type(parts[1])[0] or "application/octet-stream", \
                 self.ort_dist / parts[1]
         if len(parts) == 2 and parts[0] == "samples" and parts[1].endswith(".png") and parts[1][:-4] in self.samples:
-            return _MIME[".png"], self.samples[parts[1][:-4]]
+            png = self.sample(parts[1][:-4])
+            return (_MIME[".png"], png) if png is not None else None
         return None
+
+    def sample(self, name: str) -> bytes | None:
+        """PNG bytes of a sample photo, rendered on first use."""
+        with self._samples_lock:
+            if self.samples.get(name) is None:
+                self.samples[name] = _sample_png(name)
+            return self.samples[name]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -333,7 +349,7 @@ def load_app(explainer, ort_dist=None, *, samples: bool = True) -> tuple[WebApp,
     meta, notes = page_meta(model, path.name)
     model_bytes = model.SerializeToString()
     return WebApp(model_bytes=model_bytes, meta=meta, ort_dist=dist,
-                  samples=_sample_pngs() if samples else {}), notes
+                  samples=_sample_names() if samples else {}), notes
 
 
 def serve(explainer, *, host: str = "127.0.0.1", port: int = 8000, ort_dist=None, open_browser: bool = True,

@@ -39,6 +39,7 @@ async function loadRuntime() {
   const file = backend === "webgpu" ? "ort.webgpu.min.mjs" : "ort.wasm.min.mjs";
   ort = await import(new URL(`ort/${file}`, location.href).href);
   ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+  ort.env.logLevel = "error";
   if (!self.crossOriginIsolated) ort.env.wasm.numThreads = 1;  // threads need SharedArrayBuffer
   if (backend === "webgpu" && !navigator.gpu) {
     throw new Error("this browser offers no WebGPU (navigator.gpu); use the WebAssembly runtime");
@@ -154,11 +155,15 @@ function putRgb(canvasId, rgb) {
   for (let i = 0; i < W * H; i++) {
     rgba[i * 4] = rgb[i * 3]; rgba[i * 4 + 1] = rgb[i * 3 + 1]; rgba[i * 4 + 2] = rgb[i * 3 + 2]; rgba[i * 4 + 3] = 255;
   }
-  $(canvasId).getContext("2d").putImageData(new ImageData(rgba, W, H), 0, 0);
+  ctx2d(canvasId).putImageData(new ImageData(rgba, W, H), 0, 0);
+}
+
+function ctx2d(canvasId) {
+  return $(canvasId).getContext("2d", { willReadFrequently: true });
 }
 
 function putRgba(canvasId, rgba) {
-  $(canvasId).getContext("2d").putImageData(new ImageData(rgba, W, H), 0, 0);
+  ctx2d(canvasId).putImageData(new ImageData(rgba, W, H), 0, 0);
 }
 
 function explainBlob(blob, name) {

@@ -90,7 +90,10 @@ function clip8(v) {
   return Math.floor(v / (1 << PRECISION_BITS));
 }
 
-/** Pillow's Image.resize((outW, outH), BILINEAR) of an RGB image (Uint8Array, 3 bytes a pixel). */
+/** Pillow's Image.resize((outW, outH), BILINEAR) of an RGB image (Uint8Array, 3 bytes a pixel): the
+ * horizontal pass, rounded to uint8, then the vertical pass, as Pillow <= 12 always does. Pillow 13 runs
+ * the vertical pass first for some downscales (python-pillow/Pillow#9549); single pixels may then differ
+ * by one grey level. Images already at the model's size are not resized at all. */
 export function resizeBilinear(rgb, inW, inH, outW, outH) {
   let src = rgb, w = inW, h = inH;
   if (outW !== inW) {  // horizontal pass
