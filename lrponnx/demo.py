@@ -9,7 +9,7 @@ import numpy as np
 
 def run_demo(output="demo_out") -> int:
     from .compiler import convert
-    from .files import save_model
+    from .files import atomic_path, check_output_folder, save_model
     from .model_zoo.registry import default_model_path
     from .preprocess import Preprocessing
     from .render import overview, render, save_png
@@ -17,11 +17,10 @@ def run_demo(output="demo_out") -> int:
     from .samples import sample_images
 
     started = time.perf_counter()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(Path(output))  # an existing file there: one line, exit 2
     model_path = default_model_path()
     explainer_model = convert(str(model_path))  # default composite, LRN taylor
-    save_model(explainer_model, out / "explainer.onnx")
+    save_model(explainer_model, out / "explainer.onnx", inputs=[model_path])
     ex = Explainer(explainer_model)
     pre = Preprocessing.from_model(explainer_model)
     size = tuple(pre.size) if pre is not None and pre.size else (32, 32)
@@ -39,9 +38,11 @@ def run_demo(output="demo_out") -> int:
         rel = result.relevance[k]
         print(f"  {name:12s} -> {classes[t]:10s} p={probs[k, t]:.2f}   relevance sum {rel.sum():+.3f} "
               f"(logit {logits[k, t]:+.3f})")
-        save_png(render(rel, size=(size[0] * 4, size[1] * 4)), out / f"{name}_heatmap.png")
+        with atomic_path(out / f"{name}_heatmap.png") as tmp:
+            save_png(render(rel, size=(size[0] * 4, size[1] * 4)), tmp)
         rows.append((f"{name}: {classes[t]}", rgb, rel))
-    save_png(overview(rows, scale=4), out / "overview.png")
+    with atomic_path(out / "overview.png") as tmp:
+        save_png(overview(rows, scale=4), tmp)
     print(f"wrote {out / 'overview.png'}, {len(photos)} heatmaps and explainer.onnx to {out} "
           f"in {time.perf_counter() - started:.1f} s")
     print(f"look at heatmaps in your browser: lrponnx web {out / 'explainer.onnx'}  (see docs/web.md)")
