@@ -12,6 +12,7 @@ inputs failed (listed in ``summary.json``); 130 interrupted (run the same comman
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -245,6 +246,15 @@ def _write_file(path: Path, write) -> None:
             os.fsync(f.fileno())
 
 
+def _fsync_path(path) -> None:
+    """fsync a file or folder by name (Linux allows it on a read-only descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _item_key(ref) -> list:
     """What identifies an input's content for the journal: its absolute path, sample index, size and
     modification time (nanoseconds)."""
@@ -284,6 +294,7 @@ class ExplainJob:
     done: bytearray = field(default_factory=bytearray)
     rows: dict = field(default_factory=dict)
     failed_now: int = 0
+    _pool: object = None
 
     @property
     def state(self) -> Path:
@@ -442,32 +453,49 @@ class ExplainJob:
                 yield chunk
 
     def commit(self, results: list[ItemResult], say=print) -> None:
-        """Write one chunk's files, then its journal line (fsynced): after a kill the chunk is either
-        done as a whole or redone as a whole."""
-        lines = []
+        """Write one chunk's files, then its journal line: after a kill the chunk is either done as a
+        whole or redone as a whole.
+
+        Each file goes to a temporary file beside it (:func:`lrponnx.files.atomic_path`); the chunk's
+        temporary files are fsynced together (one journal commit of the file system rather than one
+        per file), renamed, the folder fsynced, and only then the journal line written and fsynced.
+        """
+        from .files import atomic_path
+
+        lines, temps = [], []
+        with contextlib.ExitStack() as stack:
+            def put(path: Path, write) -> None:
+                tmp = stack.enter_context(atomic_path(path))
+                with open(tmp, "wb") as f:
+                    write(f)
+                temps.append(tmp)
+
+            for r in results:
+                p, stem = r.position, self.stems[r.position]
+                record = {"input": r.source}
+                if r.index is not None:
+                    record["index"] = r.index
+                if r.ok:
+                    heat, *raw = output_names(stem, self.save_raw)
+                    put(self.out_dir / heat, lambda f: f.write(r.png))
+                    if raw:
+                        put(self.out_dir / raw[0], lambda f: np.save(f, r.relevance, allow_pickle=False))
+                        record["relevance"] = raw[0]
+                    record.update(heatmap=heat, prediction=r.prediction, target=r.target,
+                                  relevance_sum=r.relevance_sum)
+                    if self.echo:
+                        say(f"{r.name}: predicted {r.prediction_label}, explained {r.label}")
+                else:
+                    record["error"] = r.error
+                    say(f"lrponnx: warning: skipped {r.name}: {r.error}", "error")
+                lines.append({"key": self.keys[p], "stem": stem, "ok": r.ok, "record": record})
+            self._fsync_all(temps)
+        # renamed (the stack's exits): make the names durable, then say the chunk is done
+        if temps:
+            _fsync_path(self.out_dir)
         for r in results:
-            p, stem = r.position, self.stems[r.position]
-            record = {"input": r.source}
-            if r.index is not None:
-                record["index"] = r.index
             if r.ok:
-                heat, *raw = output_names(stem, self.save_raw)
-                _write_file(self.out_dir / heat, lambda f: f.write(r.png))
-                if raw:
-                    _write_file(self.out_dir / raw[0], lambda f: np.save(f, r.relevance, allow_pickle=False))
-                    record["relevance"] = raw[0]
-                record.update(heatmap=heat, prediction=r.prediction, target=r.target,
-                              relevance_sum=r.relevance_sum)
                 self._offer_row(r)
-                if self.echo:
-                    say(f"{r.name}: predicted {r.prediction_label}, explained {r.label}")
-            else:
-                record["error"] = r.error
-                self.failed_now += 1
-                say(f"lrponnx: warning: skipped {r.name}: {r.error}", "error")
-            lines.append({"key": self.keys[p], "stem": stem, "ok": r.ok, "record": record})
-            self.records[p] = record
-            self.done[p] = 1 if r.ok else 0
         data = (json.dumps({"items": lines}, separators=(",", ":")) + "\n").encode()
         fd = os.open(self.state / "journal.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -477,6 +505,26 @@ class ExplainJob:
             os.fsync(fd)
         finally:
             os.close(fd)
+        for r, line in zip(results, lines):
+            self.records[r.position] = line["record"]
+            self.done[r.position] = 1 if r.ok else 0
+            self.failed_now += 0 if r.ok else 1
+
+    def _fsync_all(self, paths) -> None:
+        if len(paths) <= 1:
+            for p in paths:
+                _fsync_path(p)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lrponnx-fsync")
+        list(self._pool.map(_fsync_path, paths))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _offer_row(self, r: ItemResult) -> None:
         if r.display is None:
@@ -636,6 +684,7 @@ def run_explain(args) -> int:
               "again to finish", file=sys.stderr)
         raise
     finally:
+        job.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     n_done, n_failed = job.finish(args.cmap)
