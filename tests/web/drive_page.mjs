@@ -71,7 +71,7 @@ async function main() {
       }
       await page.waitForFunction((n) => window.lrponnx.error || (window.lrponnx.runs > n && window.lrponnx.state === "done"),
         { timeout, polling: 50 }, runs);
-      const snap = await page.evaluate(() => ({ error: window.lrponnx.error, result: window.lrponnx.result,
+      const snap = await page.evaluate(() => ({ error: window.lrponnx.error, result: window.lrponnx.plain(),
         explained: document.getElementById("explained").textContent,
         canvases: Object.fromEntries(["input-canvas", "heat-canvas", "overlay-canvas"].map((id) => {
           const c = document.getElementById(id);

@@ -235,11 +235,11 @@ function show(rel, explained, ms) {
     b.classList.toggle("active", Number(b.dataset.k) === explained);
   }
   $("any-class").value = String(explained);
+  // typed arrays; state.plain() gives plain arrays (what the browser test reads back)
   state.result = {
-    target: explained, relevance: Array.from(rel), scores: Array.from(scores.raw),
-    probabilities: Array.from(scores.p), top: Array.from(document.querySelectorAll("#classes button"), (b) => Number(b.dataset.k)),
-    tensor: Array.from(image.tensor), display: Array.from(image.display),
-    heat: Array.from(heat), overlay: Array.from(over), scale: s, ms,
+    target: explained, relevance: rel, scores: scores.raw, probabilities: scores.p,
+    top: Array.from(document.querySelectorAll("#classes button"), (b) => Number(b.dataset.k)),
+    tensor: image.tensor, display: image.display, heat, overlay: over, scale: s, ms,
   };
   status(`${image.name}: ${className(explained)} explained in ${Math.round(ms)} ms`);
 }
@@ -265,8 +265,11 @@ function drawClasses() {
   $("any-class-box").hidden = !(meta.classes && meta.classes.length > 5);
 }
 
-// test hooks: explain a class; render given relevance over a given display image with the page's code
+// test hooks: explain a class; the last result with plain arrays; render given relevance over a given
+// display image with the page's code
 state.explain = (k) => explain(k);
+state.plain = () => state.result && Object.fromEntries(Object.entries(state.result).map(
+  ([k, v]) => [k, ArrayBuffer.isView(v) ? Array.from(v) : v]));
 state.render = (relevance, display) => {
   const hm = lrp.heatmap(Float32Array.from(relevance), C, H, W);
   return { heat: Array.from(lrp.colorize(hm)), overlay: Array.from(lrp.overlay(Uint8Array.from(display), hm)) };
