@@ -49,22 +49,25 @@ def is_explainer(model: onnx.ModelProto) -> bool:
     return any(p.key == "lrponnx.version" for p in model.metadata_props)
 
 
-def upgrade(model: onnx.ModelProto) -> str | None:
-    """Bring an explainer written before format 2 to the current input contract, in place.
+def upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Bring an explainer written before format 2 to the current input contract.
 
     Old explainers declared ``target`` as an optional input backed by a ``[-1]`` initializer;
     ONNX Runtime then hides it from the session's inputs (onnxruntime-node drops the feed,
     onnxruntime-web rejects it). Dropping the initializer leaves the same graph with ``target``
-    an ordinary (required) input. Returns a one-line note when something was changed, else None.
-    Refuses explainers of a newer format than this lrponnx knows."""
+    an ordinary (required) input. Returns ``(model, None)`` for a current explainer, else an
+    upgraded copy (``model`` is left as it is) and a one-line note. Refuses explainers of a newer
+    format than this lrponnx knows."""
     meta = {p.key: p for p in model.metadata_props}
     fmt = meta["lrponnx.format"].value if "lrponnx.format" in meta else None
     if fmt == FORMAT:
-        return None
+        return model, None
     if fmt is not None:
         raise InvalidModelError(f"this explainer has lrponnx format {fmt}; this lrponnx ({__version__}) "
                                 f"reads format {FORMAT}: upgrade lrponnx or convert the model again")
     name = meta["lrponnx.target_input"].value if "lrponnx.target_input" in meta else TARGET_INPUT
+    old, model = model, onnx.ModelProto()
+    model.CopyFrom(old)
     inits = [t for t in model.graph.initializer if t.name == name]
     if not any(i.name == name for i in model.graph.input):
         raise InvalidModelError(f"this explainer has no {name!r} input (not written by lrponnx?)")
@@ -72,9 +75,9 @@ def upgrade(model: onnx.ModelProto) -> str | None:
         model.graph.initializer.remove(t)
     model.metadata_props.append(onnx.StringStringEntryProto(key="lrponnx.format", value=FORMAT))
     version = meta["lrponnx.version"].value if "lrponnx.version" in meta else "?"
-    return (f"this explainer was written by lrponnx {version} before input format {FORMAT} (optional "
-            f"'{name}'); upgraded in memory to a required '{name}' input (same graph, -1 = predicted "
-            f"class); convert the model again to update the file")
+    return model, (f"this explainer was written by lrponnx {version} before input format {FORMAT} (optional "
+                   f"'{name}'); upgraded in memory to a required '{name}' input (same graph, -1 = predicted "
+                   f"class); convert the model again to update the file")
 
 
 class Explainer:
@@ -96,7 +99,7 @@ class Explainer:
         elif convert_options:
             raise LrpOnnxError("this file is already an explainer; conversion options do not apply")
         else:
-            note = upgrade(proto)
+            proto, note = upgrade(proto)
             if note:
                 self.notes.append(note)
                 warnings.warn(note, LegacyExplainerWarning, stacklevel=2)
@@ -152,7 +155,7 @@ class Explainer:
             bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
             raise LrpOnnxError(f"input {name!r} has {bad} non-finite value(s) (NaN or inf): "
                                f"relevance is undefined there")
-        if dtype.kind == "f" and a.dtype.kind in "iuf" and a.size and not np.all(np.isfinite(a.astype(dtype))):
+        if dtype.kind == "f" and a.dtype.kind in "iuf" and a.size and np.abs(a).max() > np.finfo(dtype).max:
             raise LrpOnnxError(f"input {name!r}: values beyond {dtype.name}'s range")
         if dtype.kind in "iub" and a.dtype != dtype:
             info_t = np.iinfo(dtype) if dtype.kind != "b" else None
