@@ -172,8 +172,8 @@ def test_cli_missing_file(fake_dist, tmp_path, capsys):
 
 def test_meta_of_the_zoo_explainer(explainer_path):
     model = onnx.load(str(explainer_path))
-    meta, notes = web.page_meta(model, "x.onnx")
-    assert notes == []
+    served, meta, notes = web.prepare(model, "x.onnx")
+    assert notes == [] and served.SerializeToString() == model.SerializeToString()
     zoo = onnx.load(str(ZOO_MODEL))
     zoo_meta = {p.key: p.value for p in zoo.metadata_props}
     assert meta["input"] == {"name": "data", "shape": ["N", 3, 32, 32]}

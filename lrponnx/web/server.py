@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import InvalidModelError, LrpOnnxError
 
-__all__ = ["WebError", "ORT_ENV", "find_ort_dist", "page_meta", "WebApp", "make_server", "serve"]
+__all__ = ["WebError", "ORT_ENV", "find_ort_dist", "prepare", "page_meta", "WebApp", "make_server", "serve"]
 
 #: Environment variable naming onnxruntime-web's ``dist`` folder.
 ORT_ENV = "LRPONNX_ORT_WEB"
@@ -99,20 +99,31 @@ def _dims(value_info) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
 
 
-def page_meta(model, name: str = "explainer.onnx") -> tuple[dict, list[str]]:
-    """(meta.json for the page, notes for the terminal) from an explainer ModelProto (upgraded in place
-    when it predates the current input contract). Raises :class:`LrpOnnxError` for what the page
-    cannot show: not an explainer, not one [N,C,H,W] image input, no fixed image size."""
-    from ..preprocess import Preprocessing
+def prepare(model, name: str = "explainer.onnx") -> tuple:
+    """(the explainer to serve, meta.json for the page, notes for the terminal) from an explainer
+    ModelProto; one that predates the current input contract is served upgraded (a copy). Raises
+    :class:`LrpOnnxError` for what the page cannot show: not an explainer, not one [N,C,H,W] image
+    input, no fixed image size."""
     from ..runtime import is_explainer, upgrade
 
     if not is_explainer(model):
         raise InvalidModelError(f"{name} is not an lrponnx explainer (no lrponnx metadata); compile it "
                                 f"first: lrponnx convert {name} -o explainer.onnx")
+    model, note = upgrade(model)
+    meta, notes = page_meta(model, name)
+    return model, meta, ([note] if note else []) + notes
+
+
+def page_meta(model, name: str = "explainer.onnx") -> tuple[dict, list[str]]:
+    """(meta.json for the page, notes for the terminal) from an explainer ModelProto of the current
+    input contract (see :func:`prepare`)."""
+    from ..preprocess import Preprocessing
+    from ..runtime import is_explainer
+
+    if not is_explainer(model):
+        raise InvalidModelError(f"{name} is not an lrponnx explainer (no lrponnx metadata); compile it "
+                                f"first: lrponnx convert {name} -o explainer.onnx")
     notes = []
-    note = upgrade(model)
-    if note:
-        notes.append(note)
     meta = {p.key: p.value for p in model.metadata_props}
     target = meta.get("lrponnx.target_input", "target")
     try:
@@ -346,7 +357,7 @@ def load_app(explainer, ort_dist=None, *, samples: bool = True) -> tuple[WebApp,
     dist = find_ort_dist(ort_dist)  # first: the cheaper mistake to report
     path = Path(os.fspath(explainer))
     model = read_model(path)  # external weights are inlined: the page fetches one file
-    meta, notes = page_meta(model, path.name)
+    model, meta, notes = prepare(model, path.name)
     model_bytes = model.SerializeToString()
     return WebApp(model_bytes=model_bytes, meta=meta, ort_dist=dist,
                   samples=_sample_names() if samples else {}), notes

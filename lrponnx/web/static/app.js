@@ -125,10 +125,11 @@ function setupInputs() {
     u.searchParams.set("ep", $("backend").value);
     location.href = u.href;
   });
-  if (meta.classes && meta.classes.length) {
+  const count = meta.class_count || (meta.classes ? meta.classes.length : 0);
+  if (count > 5) {
     const sel = $("any-class");
-    sel.innerHTML = `<option value="">choose…</option>` +
-      meta.classes.map((n, k) => `<option value="${k}">${k}: ${escapeHtml(n)}</option>`).join("");
+    sel.innerHTML = `<option value="">choose…</option>` + Array.from({ length: count },
+      (_, k) => `<option value="${k}">${meta.classes ? `${k}: ${escapeHtml(className(k))}` : `class ${k}`}</option>`).join("");
     sel.addEventListener("change", () => { if (sel.value !== "") explain(Number(sel.value)); });
   }
 }
@@ -228,7 +229,7 @@ function show(rel, explained, ms) {
   const p = scores.p[explained];
   $("explained").innerHTML =
     `Explaining <b>${escapeHtml(className(explained))}</b>` +
-    `${explained === predicted ? " (predicted)" : ""}, p = ${p.toFixed(3)}` +
+    `${explained === predicted ? " (predicted)" : ""}, ${(100 * p).toFixed(1)} %` +
     ` · relevance sum ${total >= 0 ? "+" : ""}${total.toFixed(3)}` +
     ` · ±max ${s.toPrecision(3)} · ${Math.round(ms)} ms (${backend})`;
   for (const b of document.querySelectorAll("#classes button")) {
@@ -256,13 +257,13 @@ function drawClasses() {
     const pct = 100 * scores.p[k];
     b.innerHTML =
       `<span class="name">${escapeHtml(className(k))}${k === predicted ? '<span class="tag">predicted</span>' : ""}</span>` +
-      `<span class="p">${scores.softmax ? "p " : ""}${scores.p[k].toFixed(3)}</span>` +
+      `<span class="p">${pct < 0.05 ? "<0.1" : pct.toFixed(1)} %</span>` +
       `<span class="bar"><span style="width:${pct.toFixed(1)}%"></span></span>`;
     b.addEventListener("click", () => explain(k));
     li.appendChild(b);
     list.appendChild(li);
   }
-  $("any-class-box").hidden = !(meta.classes && meta.classes.length > 5);
+  $("any-class-box").hidden = $("any-class").options.length === 0;
 }
 
 // test hooks: explain a class; the last result with plain arrays; render given relevance over a given
