@@ -569,3 +569,34 @@ def test_page_on_webgpu(tmp_path):
     assert err1 <= 1e-4 and err2 <= 1e-4, (err1, err2)
     print(f"\nweb page on WebGPU (software adapter): relevance rel. L2 {err1:.2e}, {err2:.2e}; "
           f"first run {r1['ms']:.0f} ms, second {r2['ms']:.0f} ms")
+
+
+@pytest.mark.slow
+def test_page_with_a_mean_image_and_a_real_jpeg(shared_data, tmp_path):
+    """Caffe's trained cifar10_full (a 3x32x32 mean image in its preprocessing) on the first CIFAR-10
+    test image, a real JPEG: the page's tensor is Python's, the relevance within 1e-4."""
+    why = missing("wasm")
+    if why:
+        pytest.skip(why)
+    from lrponnx.runtime import Explainer
+
+    assert main(["zoo", "build", "cifar10-full-caffe", "-o", str(tmp_path)]) == 0
+    explainer = tmp_path / "explainer.onnx"
+    assert main(["convert", str(tmp_path / "cifar10-full-caffe.onnx"), "-o", str(explainer)]) == 0
+    jpg = shared_data / "cifar10_test_sample" / "cat" / "0000.jpg"
+    ex = Explainer(explainer)
+    pre = Preprocessing.from_model(ex.model)
+    assert isinstance(pre.mean, np.ndarray) and pre.mean.shape == (3, 32, 32)
+    tensor, _ = pre.load_image(jpg)
+    want = ex.explain(tensor[None])
+    proc, url = _start_web(explainer, tmp_path)
+    try:
+        out = _drive(url, [{"upload": str(jpg)}], tmp_path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    got = out["steps"][0]["result"]
+    assert np.array_equal(np.asarray(got["tensor"], np.float32), tensor.ravel())
+    assert got["target"] == int(want.target[0]) == ex.classes.index("cat")
+    err = _rel_l2(got["relevance"], want.relevance)
+    assert err <= 1e-4, err
