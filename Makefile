@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench setup-demo setup-test clean
+.PHONY: demo test bench setup-demo setup-test setup-js clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,15 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 setup-demo: $(VENV)/.demo-installed
 setup-test: $(VENV)/.test-installed
 
+# Node and browser runtimes for tests/test_runtimes.py (needs node and npm; chromium for the browser
+# cases). --ignore-scripts: onnxruntime-node's install script downloads CUDA files from a host that
+# is not reachable, and the CPU binding ships in the package anyway.
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+setup-js: tests/js/node_modules/.installed
+
 demo: setup-demo
 	$(BIN)/lrponnx demo -o demo_out
 
@@ -34,4 +43,4 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache tests/js/node_modules

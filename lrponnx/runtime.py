@@ -40,7 +40,25 @@ _ORT_DTYPES = {
 }
 
 
+def ort_packages() -> list[str]:
+    """The ONNX Runtime distributions installed (they all provide the one ``onnxruntime`` module)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            metadata.distribution(name)
+            found.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def default_providers() -> list[str]:
+    packages = ort_packages()
+    if len(packages) > 1:
+        warnings.warn(f"{' and '.join(packages)} are installed side by side and overwrite each other's "
+                      f"onnxruntime module; keep one (README: CUDA)", RuntimeWarning, stacklevel=3)
     available = ort.get_available_providers()
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 

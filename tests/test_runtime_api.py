@@ -204,3 +204,15 @@ def test_an_explainer_of_a_newer_format_is_refused():
             p.value = "3"
     with pytest.raises(lrponnx.LrpOnnxError, match="lrponnx format 3.*reads format 2"):
         Explainer(newer)
+
+
+def test_two_onnxruntime_packages_side_by_side_warn(monkeypatch):
+    import lrponnx.runtime as rt
+
+    monkeypatch.setattr(rt, "ort_packages", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    with pytest.warns(RuntimeWarning, match="onnxruntime and onnxruntime-gpu are installed side by side"):
+        Explainer(mlp(), **EPS)
+    monkeypatch.setattr(rt, "ort_packages", lambda: ["onnxruntime"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Explainer(mlp(), **EPS)

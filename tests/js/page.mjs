@@ -25,13 +25,13 @@ window.runExplainer = async (cfg) => {
     if (cfg.threads) ort.env.wasm.numThreads = cfg.threads;
     ort.env.logLevel = 'error';
     result.versions = { 'onnxruntime-web': ort.env.versions.web };
-    result.numThreads = ort.env.wasm.numThreads;
     const opts = { executionProviders: [cfg.ep], graphOptimizationLevel: cfg.opt || 'all', logSeverityLevel: 3 };
     if (cfg.externalData && cfg.externalData.length) opts.externalData = cfg.externalData;
     const model = await fetchBytes(cfg.model);
     let t0 = performance.now();
     const session = await ort.InferenceSession.create(model, opts);
     result.load_ms = performance.now() - t0;
+    result.numThreads = ort.env.wasm.numThreads;  // onnxruntime-web's choice unless --threads
     result.input_names = session.inputNames;
     const feeds = {};
     for (const [name, url] of Object.entries(cfg.inputs)) {
