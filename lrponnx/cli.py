@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -47,18 +48,20 @@ def rule_kwargs(args) -> dict:
 
 def cmd_convert(args) -> int:
     from .compiler import convert
-    from .files import save_model
+    from .files import check_output, save_model
 
+    check_output(args.output, [args.model])  # before the work: never the input, a device, a folder
     # The weights stay on disk until save_model copies them: memory stays below twice the model.
     explainer = convert(args.model, layer_relevance=args.layer_relevance, lazy_weights=True,
                         exact_forward=args.exact_forward, **rule_kwargs(args))
-    save_model(explainer, args.output, external_data=True if args.external_data else None)
+    save_model(explainer, args.output, external_data=True if args.external_data else None, inputs=[args.model])
     print(f"wrote {args.output} ({args.composite}, LRN {args.lrn_rule})")
     return 0
 
 
 def cmd_inspect(args) -> int:
     from .compiler import plan
+    from .errors import shorten
 
     kw = rule_kwargs(args)
     kw.pop("seed")
@@ -71,7 +74,7 @@ def cmd_inspect(args) -> int:
             continue
         rule = str(u.rule) if u.rule is not None else "-"
         notes = "; ".join(([("first layer")] if u.first else []) + u.notes)
-        rows.append((str(u.index), u.name, u.op_type, rule, notes))
+        rows.append((str(u.index), shorten(u.name), shorten(u.op_type), rule, notes))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))
@@ -80,8 +83,8 @@ def cmd_inspect(args) -> int:
         print(f"\n{len(p.offenders)} node(s) cannot be explained:")
         for o in p.offenders:
             print(o)
-    else:
-        print("every node on the relevance path has a rule")
+        return EXIT_UNEXPLAINABLE
+    print("every node on the relevance path has a rule")
     return 0
 
 
@@ -121,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_rule_flags(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="show every node, its rule, and what cannot be explained")
+    p = sub.add_parser("inspect", help="show every node, its rule, and what cannot be explained",
+                       description="Show every node on the relevance path and its rule. Exit code 0: every "
+                                   "node can be explained; 3: the model has nodes that cannot be explained "
+                                   "(listed); 2: the model or an option is invalid.")
     p.add_argument("model")
     add_rule_flags(p)
     p.set_defaults(func=cmd_inspect)
@@ -172,26 +178,98 @@ def _plugins():
     for module in ("lrponnx.converters.caffe.cli", "lrponnx.model_zoo.cli", "lrponnx.evaluate_cli", "lrponnx.web"):
         try:
             mod = __import__(module, fromlist=["register"])
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name == module:  # not part of this installation
+                continue
+            _plugin_broken(module, e)
+            continue
+        except Exception as e:  # a broken plugin must not vanish silently, nor take the others down
+            _plugin_broken(module, e)
             continue
         found.append(mod.register)
     return found
 
 
+def _plugin_broken(module: str, e: BaseException) -> None:
+    print(f"lrponnx: warning: the subcommands of {module} are unavailable, it fails to import: "
+          f"{type(e).__name__}: {e}", file=sys.stderr)
+
+
+#: Exit codes (docs/cli-guarantees.md): 0 done; 1 a bug of ours (traceback, please report);
+#: 2 the input, an option or the environment is wrong (one line on stderr, nothing written);
+#: 3 ``inspect``: the model has nodes that cannot be explained; 130 Ctrl-C; 141 stdout closed
+#: (``| head``); 143 SIGTERM. Interrupted writes leave no temporary file behind.
+EXIT_USAGE, EXIT_UNEXPLAINABLE, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_TERMINATED = 2, 3, 130, 141, 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so every ``finally`` (temporary files) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except LrpOnnxError as e:
         print(f"lrponnx: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"lrponnx: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader went away (`lrponnx inspect m.onnx | head -1`): stop quietly, like other tools
+        _silence_stdout()
+        return EXIT_PIPE
+    except OSError as e:  # a user path: missing, unreadable, disk full, ...
+        print(f"lrponnx: error: {_os_message(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("lrponnx: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("lrponnx: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("lrponnx: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+        except (OSError, ValueError):
+            pass
+
+
+def _os_message(e: OSError) -> str:
+    from .errors import shorten
+
+    text = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        text += f": {shorten(os.fsdecode(e.filename))!r}"
+    if getattr(e, "filename2", None) is not None:
+        text += f" -> {shorten(os.fsdecode(e.filename2))!r}"
+    return text
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not complain again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -255,9 +255,9 @@ def prepare(src, lazy_weights: bool = False) -> onnx.ModelProto:
     except Exception as e:
         raise InvalidModelError(f"onnx shape inference failed on the model: {first_line(e)}") from None
     _name_nodes(sk.graph)
-    check_geometry(sk)
     if _has_ceil_pooling(sk):
         _measure_shapes(sk, model)
+    check_geometry(sk)  # on the measured shapes: onnx's are wrong after a ceil_mode AveragePool
     restore(model, sk, fake)
     return model
 

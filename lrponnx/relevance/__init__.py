@@ -73,6 +73,29 @@ class Unsupported(Exception):
     """Raised by a handler when this particular node cannot be explained (why = message)."""
 
 
+#: Constants whose size follows the model's declared input size (the denominators of the flat,
+#: wsquare and zbox rules, average pooling's divisors) are stored in the explainer when they have
+#: at most this many elements; larger ones are computed by the explainer at run time from the
+#: input's shape, so neither convert's memory nor the file grows with the declared size.
+SIZED_CONST_LIMIT = 1 << 22
+
+
+def sized_const_ok(shape) -> bool:
+    """Whether a constant of this shape may be computed at convert time and stored."""
+    return int(np.prod([int(d) for d in shape], dtype=object)) <= SIZED_CONST_LIMIT
+
+
+def runtime_ones(g: GraphBuilder, x: str, channels: int | None = None) -> str:
+    """Ones shaped like one sample of ``x`` ([1, C, *spatial]; ``channels`` replaces C), made at
+    run time from ``x``'s shape: a convert-time constant of that size is not stored."""
+    from onnx import TensorProto, helper
+
+    rest = g.op("Shape", x, start=1 if channels is None else 2, hint="sample_dims")
+    lead = g.ints([1] if channels is None else [1, channels])
+    return g.op("ConstantOfShape", g.op("Concat", lead, rest, axis=0),
+                value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]), hint="sample_ones")
+
+
 @dataclass(frozen=True)
 class Handler:
     fn: Callable[["Ctx", Unit, str], dict]

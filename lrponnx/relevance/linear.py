@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import RuleError
 from ..evaluate import run_op
 from ..units import Unit
-from . import Ctx, Product, Unsupported, handler
+from . import Ctx, Product, Unsupported, handler, runtime_ones, sized_const_ok
 
 LINEAR_RULES = ("epsilon", "zplus", "alpha-beta", "gamma", "zbox", "wsquare", "flat")
 
@@ -327,11 +327,37 @@ def gamma(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, gamma: float = 0.25,
     return g.op("Add", rp, rn, hint="r_gamma")
 
 
+def _small_sample(ops: LinearOps) -> bool:
+    """Whether the constants of one sample's size (input and output of the layer) may be stored
+    (see :data:`lrponnx.relevance.SIZED_CONST_LIMIT`); else the explainer computes them."""
+    z = ops.p.z_shape
+    return sized_const_ok(ops.sample_shape()) and (z is None or sized_const_ok([d or 1 for d in z[1:]]))
+
+
+def _div_by_ones_forward(ctx: Ctx, ops: LinearOps, x: str, R: str, key: str, W: np.ndarray, b, epsilon: float) -> str:
+    """``R / stab(W 1 + b)`` for an all-ones input shaped like one sample of ``x``: a stored
+    constant for ordinary sizes, computed by the explainer for a large declared input."""
+    if _small_sample(ops):
+        return ctx.stab_div_const(R, ops.constant_forward(np.ones(ops.sample_shape(), np.float32), W, b), epsilon)
+    return ctx.stab_div(R, ops.forward(runtime_ones(ctx.g, x), key, W, b), epsilon)
+
+
 def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low=None, high=None, epsilon: float = 1e-6) -> str:
     g, W, b = ctx.g, ops.p.W, ops.p.b
     shape = ops.sample_shape()
-    lo, hi = zbox_bounds(ctx, ops.unit, x, low, high, shape)
     Wp, Wn = _pos(W), _neg(W)
+    if not _small_sample(ops):  # the bounds' forward pass runs in the explainer
+        lo, hi = zbox_bounds(ctx, ops.unit, x, low, high, shape, full=False)
+        ones = runtime_ones(g, x)
+        bounds = g.op("Add", ops.forward(g.op("Mul", ones, g.const(lo, hint="zbox_low")), "pos", Wp, None),
+                      ops.forward(g.op("Mul", ones, g.const(hi, hint="zbox_high")), "neg", Wn, None))
+        b_full = b.reshape((1, -1) + (1,) * (len(shape) - 2)) if ops.p.kind in ("conv", "convtranspose") else b
+        d = g.op("Sub", z, g.op("Add", bounds, g.const(b_full, hint=f"{ops.unit.name}/zbox_bias")), hint="zbox_d")
+        q = ctx.stab_div(R, d, epsilon)
+        r = g.op("Mul", g.op("Sub", x, g.const(lo, hint="zbox_low")), ops.vjp(q, "pos", Wp))
+        return g.op("Add", r, g.op("Mul", g.op("Sub", x, g.const(hi, hint="zbox_high")), ops.vjp(q, "neg", Wn)),
+                    hint="r_zbox")
+    lo, hi = zbox_bounds(ctx, ops.unit, x, low, high, shape)
     # d = W x - W+ l - W- h; the bias cancels. W x = z - b; the bound terms are constants.
     bounds = ops.constant_forward(lo, Wp, None) + ops.constant_forward(hi, Wn, None)
     b_full = b.reshape((1, -1) + (1,) * (bounds.ndim - 2)) if ops.p.kind in ("conv", "convtranspose") else b
@@ -345,37 +371,42 @@ def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low=None, high=None, 
 
 def wsquare(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     W2, b2 = ops.p.W ** 2, ops.p.b ** 2
-    den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), W2, b2)
-    return ops.vjp(ctx.stab_div_const(R, den, epsilon), "sq", W2)
+    return ops.vjp(_div_by_ones_forward(ctx, ops, x, R, "sq", W2, b2, epsilon), "sq", W2)
 
 
 def flat(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, epsilon: float = 1e-6) -> str:
     ones = np.ones(ops.p.weight_shape, np.float32)
     # 1^T (R / stab(1 . 1)): padding is zero in the ones input, so it does not count.
-    den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
     if ops.p.kind == "conv" and ops.p.attrs["group"] == 1:
         # With all-ones weights every input channel gets the same value: sum q over the output
         # channels first, then spread one channel through a ones kernel and broadcast it. The
         # denominator is the same in every output channel, so R is summed before the divide
         # (one full-size pass less on the largest tensor of most networks).
         g = ctx.g
-        q1 = ctx.stab_div_const(g.op("ReduceSum", R, g.ints([1]), keepdims=1, hint="flat_rsum"), den[:, :1], epsilon)
         ops1 = LinearOps.__new__(LinearOps)
         ops1.__dict__.update(ops.__dict__, _weights={})
         ops1.p = copy.copy(ops.p)
         ops1.p.W = np.ones((1, 1) + ops.p.weight_shape[2:])
         ops1.p.x_shape = [ops.p.x_shape[0], 1] + list(ops.p.x_shape[2:])
+        r_sum = g.op("ReduceSum", R, g.ints([1]), keepdims=1, hint="flat_rsum")
+        if _small_sample(ops):
+            den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
+            q1 = ctx.stab_div_const(r_sum, den[:, :1], epsilon)
+        else:  # C_in times the window's count of ones, in the explainer
+            count = ops1.forward(runtime_ones(g, x, channels=1), "ones1", ops1.p.W, None)
+            q1 = ctx.stab_div(r_sum, g.op("Mul", count, g.const(float(ops.p.x_shape[1]))), epsilon, nonnegative=True)
         spread = ops1.vjp(q1, "ones1", ops1.p.W)
         return g.op("Expand", spread, g.op("Shape", x), hint="r_flat")
-    return ops.vjp(ctx.stab_div_const(R, den, epsilon), "ones", ones)
+    return ops.vjp(_div_by_ones_forward(ctx, ops, x, R, "ones", ones, None, epsilon), "ones", ones)
 
 
 RULE_FUNCTIONS = {"epsilon": epsilon, "zplus": zplus, "alpha-beta": alpha_beta, "gamma": gamma,
                   "zbox": zbox, "wsquare": wsquare, "flat": flat}
 
 
-def zbox_bounds(ctx: Ctx, unit: Unit, x: str, low, high, shape: list[int]):
-    """Bounds as full [1, C, ...] arrays in the units of ``x``.
+def zbox_bounds(ctx: Ctx, unit: Unit, x: str, low, high, shape: list[int], full: bool = True):
+    """Bounds as full [1, C, ...] arrays in the units of ``x`` (``full=False``: [1, C, 1, ...]
+    arrays that broadcast to it, for a declared input too large to store them whole).
 
     ``low``/``high`` are given in the model's input units (scalar or per channel) and mapped
     through the constant affine ops (Sub/Add/Mul/Div by constants) between the input and ``x``.
@@ -388,10 +419,11 @@ def zbox_bounds(ctx: Ctx, unit: Unit, x: str, low, high, shape: list[int]):
     def as_array(v):
         a = np.asarray(v, dtype=np.float64).reshape(-1)
         if a.size == 1:
-            return np.full([1] + shape[1:], float(a[0]))
+            return np.full([1] + (shape[1:] if full else [1] * (len(shape) - 1)), float(a[0]))
         if a.size != C:
             raise RuleError(f"zbox bounds must be a scalar or one value per channel ({C}), got {a.size}")
-        return np.broadcast_to(a.reshape([1, C] + [1] * (len(shape) - 2)), shape).copy()
+        a = a.reshape([1, C] + [1] * (len(shape) - 2))
+        return np.broadcast_to(a, shape).copy() if full else a
 
     lo, hi = as_array(low), as_array(high)
     for node in reversed(_affine_chain(ctx.view, x)):

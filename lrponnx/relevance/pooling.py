@@ -7,7 +7,7 @@ from onnx import TensorProto
 
 from ..evaluate import run_op
 from ..units import Unit
-from . import Ctx, Unsupported, handler
+from . import SIZED_CONST_LIMIT, Ctx, Unsupported, handler, runtime_ones, sized_const_ok
 
 
 def _static(shape, first_axis: int) -> bool:
@@ -38,8 +38,7 @@ def _window(ctx: Ctx, unit: Unit) -> dict:
         # The output size as the runtime computes it: onnx shape inference before opset 22 gets
         # ceil_mode wrong (it keeps a last window that starts in the end padding; ORT drops it).
         attrs = {k_: v for k_, v in a.items() if k_ != "storage_order"}
-        ys = list(xs[:2]) + list(run_op(unit.op_type, [np.ones([1, 1] + list(xs[2:]), np.float32)],
-                                        opset=_opset(ctx), **attrs).shape[2:])
+        ys = list(xs[:2]) + [_out_size(unit.op_type, attrs, i, n, xs[2 + i], _opset(ctx)) for i in range(n)]
     for i in range(n):
         need = (ys[2 + i] - 1) * s[i] + (k[i] - 1) * d[i] + 1
         have = xs[2 + i] + pads[i] + pads[n + i]
@@ -51,6 +50,30 @@ def _window(ctx: Ctx, unit: Unit) -> dict:
         out_pad.append(xs[2 + i] - base)
     return dict(kernel=k, strides=s, dilations=d, pads=pads, output_padding=out_pad, C=xs[1], x_shape=xs,
                 y_shape=ys)
+
+
+def _out_size(op_type: str, attrs: dict, i: int, n: int, size: int, opset: int) -> int:
+    """Output size of pooling axis ``i`` as ONNX Runtime computes it (each axis on its own: one
+    1-D run of the op, never a run over the whole declared input)."""
+    one = {}
+    for key, v in attrs.items():
+        if key in ("kernel_shape", "strides", "dilations"):
+            one[key] = [v[i]]
+        elif key == "pads":
+            one[key] = [v[i], v[n + i]]
+        else:
+            one[key] = v
+    if size <= SIZED_CONST_LIMIT:
+        return int(run_op(op_type, [np.ones([1, 1, size], np.float32)], opset=opset, **one).shape[2])
+    # ONNX Runtime's formula (PoolAttributes::ComputeOutputSize), for axes too long to run
+    k, s = one["kernel_shape"][0], one.get("strides", [1])[0]
+    d = one.get("dilations", [1])[0]
+    head, tail = one.get("pads", [0, 0])
+    span = size + head + tail - d * (k - 1) - 1
+    if not one.get("ceil_mode", 0):
+        return span // s + 1
+    out = -(-span // s) + 1
+    return out - 1 if (out - 1) * s >= size + head else out
 
 
 def _opset(ctx: Ctx) -> int:
@@ -83,20 +106,38 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         raise Unsupported("pass is not a valid rule for pooling (shapes differ)")
     w = _window(ctx, unit)
     eps = unit.rule.params.get("epsilon", 1e-6)
+    if unit.op_type == "GlobalAveragePool":
+        # y = the plane's mean: x's share is x q / (H W), q broadcast over the plane (no constant
+        # of the plane's size; the same numbers as the window-sum form below)
+        q = ctx.stab_div(R, y, eps, nonnegative=ctx.nonnegative(x))
+        inv = 1.0 / np.full([1, 1] + [1] * (len(w["kernel"])), int(np.prod(w["kernel"])), np.float32)
+        return {x: ctx.g.op("Mul", x, ctx.g.op("Mul", q, ctx.g.const(inv, hint="pool_inv_div")), hint="r_avgpool")}
+    if not sized_const_ok(w["x_shape"][2:]):
+        return {x: _average_pool_runtime(ctx, unit, w, R, eps)}
     # P x = window_sum(x) / divisor. The divisor per output position follows the op's own
     # padding / count_include_pad / ceil semantics: measure it on a ones image.
     ones = np.ones([1, 1] + w["x_shape"][2:], np.float32)
     counted = run_op("Conv", [ones, np.ones([1, 1] + w["kernel"], np.float32)], strides=w["strides"],
                      pads=w["pads"], dilations=w["dilations"])
-    if unit.op_type == "GlobalAveragePool":
-        averaged = np.ones_like(counted)
-    else:
-        node_attrs = {k: v for k, v in unit.info.items()}
-        averaged = run_op("AveragePool", [ones], opset=_opset(ctx), **node_attrs)
+    averaged = run_op("AveragePool", [ones], opset=_opset(ctx), **dict(unit.info.items()))
     divisor = counted / averaged
     q = ctx.stab_div(R, y, eps, nonnegative=ctx.nonnegative(x))  # an average of x >= 0 is >= 0
     q = ctx.g.op("Mul", q, ctx.g.const(1.0 / divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_inv_div"))
     return {x: ctx.g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")}
+
+
+def _average_pool_runtime(ctx: Ctx, unit: Unit, w: dict, R: str, eps: float) -> str:
+    """:func:`average_pool` for a declared input too large for convert-time constants: the
+    divisor (1 / (counted / averaged) = averaged / counted) is measured by the explainer on a
+    ones plane made from the input's shape."""
+    g, x, y = ctx.g, unit.inputs[0], unit.output
+    ones = runtime_ones(g, x, channels=1)
+    counted = g.op("Conv", ones, g.const(np.ones([1, 1] + w["kernel"], np.float32), hint="pool_ones"),
+                   hint="pool_counted", **_conv_geometry(w, 1))
+    averaged = g.op("AveragePool", ones, hint="pool_averaged", **dict(unit.info.items()))
+    q = ctx.stab_div(R, y, eps, nonnegative=ctx.nonnegative(x))
+    q = g.op("Mul", q, g.op("Div", averaged, counted, hint="pool_inv_div"))
+    return g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")
 
 
 @handler("MaxPool", "GlobalMaxPool", rules=("winner-take-all", "proportional"))
