@@ -80,6 +80,12 @@ def make_rule(name: str, **params) -> Rule:
     return Rule(name, merged)
 
 
+def _shorten_name(name: str) -> str:
+    from .errors import shorten
+
+    return shorten(name)
+
+
 def _short(v) -> str:
     from .errors import shorten
 
@@ -190,7 +196,7 @@ def parse_override(text: str) -> tuple[str, Rule]:
     """``NODE_OR_OPTYPE_OR_#N=RULE[:k=v,...]``."""
     selector, eq, rule = text.partition("=")
     if not eq or not selector or not rule:
-        raise RuleError(f"bad --rule {text!r}; expected NODE_OR_OPTYPE=RULE[:k=v,...]")
+        raise RuleError(f"bad --rule {_shorten_name(text)!r}; expected NODE_OR_OPTYPE=RULE[:k=v,...]")
     return selector.strip(), parse_rule(rule.strip())
 
 
@@ -263,11 +269,11 @@ def _apply_overrides(units: list[Unit], overrides, table) -> None:
             if not hits:
                 hits = [u for u in units if u.op_type == selector or u.kind == selector]
         if not hits:
-            raise RuleError(f"--rule {selector}=...: no node with that name, op type or position")
+            raise RuleError(f"--rule {_shorten_name(selector)}=...: no node with that name, op type or position")
         for u in hits:
             h = table.get(u.kind)
             if h is None or rule.name not in h.rules:
                 allowed = ", ".join(h.rules) if h else "none"
-                raise RuleError(f"rule {rule.name!r} does not apply to {u.name!r} ({u.op_type}); "
+                raise RuleError(f"rule {rule.name!r} does not apply to {_shorten_name(u.name)!r} ({u.op_type}); "
                                 f"allowed: {allowed}")
             u.rule = rule

@@ -203,6 +203,14 @@ def _latin1_prototxt(d):
     return ["caffe2onnx", "net.prototxt", "--random-weights", "1", "-o", "out.onnx"]
 
 
+def _caffe_long_layer_name(d):
+    (d / "net.prototxt").write_text(
+        'name: "n"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+        f'layer {{ name: "{"L" * 1_000_000}" type: "Convolution" bottom: "data" top: "c" '
+        'convolution_param { num_output: 4 kernel_size: 3 group: 2 } }\n')
+    return ["caffe2onnx", "net.prototxt", "--random-weights", "1", "-o", "out.onnx"]
+
+
 def _caffe(*flags, out="out.onnx"):
     def setup(d):
         shutil.copy(FIXTURES / "v1_net.prototxt", d / "net.prototxt")
@@ -306,6 +314,9 @@ CASES = [
     Case("disk-full-external-data", _convert("--external-data", channels=64), 2, "No space left on device", patch=_enospc_pwrite),
     Case("input-is-folder", lambda d: ["convert", str(d), "-o", "out.onnx"], 2, "is a directory"),
     # 6. smaller
+    Case("caffe-1MB-layer-name", _caffe_long_layer_name, 2, "LLL\u2026LLL"),
+    Case("onnx-1MB-node-name", lambda d: ["convert", str(mlp_two_unknown(d, name_len=1_000_000)), "-o", "o.onnx"], 2,
+         "mmm\u2026mmm", lines=3),
     Case("latin1-prototxt", _latin1_prototxt, 0, "read it as Latin-1", outputs=("out.onnx",)),
     Case("inspect-unexplainable-exit-3", _inspect(mlp_two_unknown), 3, ""),
     Case("umask-mode", _convert(), 0, "", outputs=("out.onnx",), extra=_umask_mode),
@@ -341,6 +352,7 @@ def _check(case: Case, d: Path, before: dict, code: int, err: str) -> None:
     assert code == case.code, f"{case.id}: exit {code}, stderr: {err[:500]}"
     assert "Traceback" not in err, err[:2000]
     assert case.message in err, f"{case.id}: {case.message!r} not in {err[:500]!r}"
+    assert max((len(line) for line in err.splitlines()), default=0) < 1000, f"{case.id}: a very long line"
     if case.code == 2:
         lines = [line for line in err.splitlines() if line.strip()]
         if case.lines:

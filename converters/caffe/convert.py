@@ -75,7 +75,7 @@ def _prod(xs: Sequence[int]) -> int:
 def _canon_axis(axis: int, ndim: int, layer: "_Layer", what: str = "axis") -> int:
     a = axis + ndim if axis < 0 else axis
     if not 0 <= a < ndim:
-        raise InvalidModelError(f"layer {layer.name!r} ({layer.type}): {what} {axis} is out of range for a "
+        raise InvalidModelError(f"layer {_shorten(layer.name)!r} ({layer.type}): {what} {axis} is out of range for a "
                                 f"{ndim}-D blob")
     return a
 
@@ -103,7 +103,7 @@ class _Layer:
             return getattr(cpb.LayerParameter(), fld)
 
     def err(self, why: str) -> InvalidModelError:
-        return InvalidModelError(f"layer {self.name!r} ({self.type}): {why}")
+        return InvalidModelError(f"layer {_shorten(self.name)!r} ({self.type}): {why}")
 
     def unsupported(self, why: str) -> UnsupportedModelError:
         return UnsupportedModelError([Offender(self.name, self.type, why)])
@@ -227,7 +227,7 @@ def parse_caffemodel(raw: bytes, name: str = "caffemodel") -> dict[str, list[_Bl
         lname = _text(lp.name)
         if not lname:
             continue
-        blobs = [_blob_from_proto(b, f"{name}: layer {lname!r} blob {j}") for j, b in enumerate(lp.blobs)]
+        blobs = [_blob_from_proto(b, f"{name}: layer {_shorten(lname)!r} blob {j}") for j, b in enumerate(lp.blobs)]
         # Caffe copies from the first source layer with a given name; later duplicates are ignored.
         out.setdefault(lname, blobs)
     if not out:
@@ -296,7 +296,7 @@ def _layers_of(net) -> list[_Layer]:
     for i, lp in enumerate(entries):
         if lp.include and lp.exclude:
             name = lp.name or f"#{i}"
-            raise InvalidModelError(f"layer {name!r} specifies both include and exclude rules; Caffe refuses that")
+            raise InvalidModelError(f"layer {_shorten(name)!r} specifies both include and exclude rules; Caffe refuses that")
         if lp.include and not any(_rule_met(r, phase, level, stages) for r in lp.include):
             continue
         if lp.exclude and any(_rule_met(r, phase, level, stages) for r in lp.exclude):
@@ -1103,7 +1103,7 @@ def _preprocessing(input_name: str, shape: list[int], mean, mean_file, scale: fl
         if channel_order not in ("bgr", "rgb", "gray"):
             raise InvalidModelError(f"--channel-order must be bgr, rgb or gray, got {channel_order!r}")
         if (C != 1) if channel_order == "gray" else (C != 3):
-            raise InvalidModelError(f"--channel-order {channel_order} does not fit the input {input_name!r} "
+            raise InvalidModelError(f"--channel-order {channel_order} does not fit the input {_shorten(input_name)!r} "
                                     f"of shape {shape}")
     elif C == 3:
         channel_order = "bgr"
@@ -1117,7 +1117,7 @@ def _preprocessing(input_name: str, shape: list[int], mean, mean_file, scale: fl
     if mean_file is not None:
         arr = load_mean_file(mean_file)
         if C is not None and arr.shape[0] != C:
-            raise InvalidModelError(f"mean file has {arr.shape[0]} channels, the input {input_name!r} has {C}")
+            raise InvalidModelError(f"mean file has {arr.shape[0]} channels, the input {_shorten(input_name)!r} has {C}")
         if arr.ndim == 1:
             vals = [float(v) for v in arr]
         elif list(arr.shape[1:]) == list(spatial):
@@ -1137,7 +1137,7 @@ def _preprocessing(input_name: str, shape: list[int], mean, mean_file, scale: fl
         if C is not None and len(vals) == 1 and C > 1:
             vals = vals * C
         if C is not None and len(vals) != C:
-            raise InvalidModelError(f"mean has {len(vals)} values but the input {input_name!r} has {C} channels")
+            raise InvalidModelError(f"mean has {len(vals)} values but the input {_shorten(input_name)!r} has {C} channels")
         mean_meta = [float(v) for v in vals]
         mean_arr = np.asarray(vals, dtype=np.float64).reshape([len(vals)] + [1] * len(spatial))
     meta = {
@@ -1220,9 +1220,9 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
         fixed_batch = not symbolic
     for nm, dims in inputs:
         if not dims:
-            raise InvalidModelError(f"input {nm!r} has no shape in the prototxt; give --input-shape")
+            raise InvalidModelError(f"input {_shorten(nm)!r} has no shape in the prototxt; give --input-shape")
         if any(d <= 0 for d in dims):
-            raise InvalidModelError(f"input {nm!r} has a non-positive dimension {dims}; give --input-shape")
+            raise InvalidModelError(f"input {_shorten(nm)!r} has a non-positive dimension {dims}; give --input-shape")
     if len({nm for nm, _ in inputs}) != len(inputs):
         raise InvalidModelError("two inputs share a name")
 
@@ -1234,15 +1234,15 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
             continue
         if _is_data_layer(L):
             if L.name != data_layer_input:
-                _warn(f"skipping data layer {L.name!r} ({L.type})")
+                _warn(f"skipping data layer {_shorten(L.name)!r} ({L.type})")
             else:
-                _warn(f"data layer {L.name!r} ({L.type}): its top {L.tops[0]!r} becomes the graph input")
+                _warn(f"data layer {_shorten(L.name)!r} ({L.type}): its top {L.tops[0]!r} becomes the graph input")
             continue
         if L.type == "Silence":
             work.append(L)  # consumes its bottoms, emits nothing
             continue
         if _is_skipped(L.type):
-            _warn(f"skipping train-only layer {L.name!r} ({L.type})")
+            _warn(f"skipping train-only layer {_shorten(L.name)!r} ({L.type})")
             continue
         if L.type not in HANDLERS and L.type not in ALIAS_LAYERS:
             offenders.append(Offender(L.name, L.type, f"no ONNX conversion for Caffe layer type {L.type!r}"))
@@ -1361,7 +1361,7 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
                 src = weights.get(M.name) if weights is not None else None
                 if not src:
                     if rng is None:
-                        missing.append(f"{M.name} ({M.type})")
+                        missing.append(f"{_shorten(M.name)} ({M.type})")
                         arrs = [np.zeros([int(d) for d in s], np.float32) for _, s in exp]
                     else:
                         if weights is not None:
