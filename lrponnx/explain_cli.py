@@ -368,10 +368,9 @@ class ExplainJob:
         self.keys = [_item_key(r) for r in self.refs]
         self.done = bytearray(len(self.refs))
         entries = self._read_journal()
-        index = {tuple(k): i for i, k in enumerate(self.keys)}
-        for key, e in entries.items():
-            i = index.get(key)
-            if i is None or not e.get("ok") or e.get("stem") != self.stems[i]:
+        for i, key in enumerate(self.keys):
+            e = entries.get((tuple(key), self.stems[i]))
+            if e is None or not e.get("ok"):
                 continue
             if all(os.path.exists(out / n) for n in output_names(self.stems[i], self.save_raw)):
                 self.done[i] = 1
@@ -392,7 +391,7 @@ class ExplainJob:
         return name in ("summary.json", "overview.png") or name.endswith(("_heatmap.png", "_relevance.npy"))
 
     def _read_journal(self) -> dict:
-        """key -> last entry. A line cut short by a kill is dropped (and cut from the file)."""
+        """(key, stem) -> last entry. A line cut short by a kill is dropped (and cut from the file)."""
         path = self.state / "journal.jsonl"
         entries: dict = {}
         if not path.exists():
@@ -408,7 +407,7 @@ class ExplainJob:
             try:
                 obj = json.loads(line)
                 for e in obj["items"]:
-                    entries[tuple(e["key"])] = e
+                    entries[(tuple(e["key"]), e["stem"])] = e
             except (ValueError, KeyError, TypeError):
                 continue
         return entries
@@ -676,9 +675,21 @@ def run_explain(args) -> int:
                                      cpus_per_actor=args.ray_cpus_per_actor)
             else:
                 batches = map(engine.run, job.pending_chunks(args.batch_size))
-            for results in batches:
-                job.commit(results, say)
-                bar.update(len(results))
+            try:
+                for results in batches:
+                    try:
+                        job.commit(results, say)
+                    except (OSError, LrpOnnxError) as e:  # disk full, a folder made read-only meanwhile
+                        why = (f"cannot write in {str(out_dir)!r}: {e.strerror or e}" if isinstance(e, OSError)
+                               else str(e))
+                        raise LrpOnnxError(f"{why}; {job.n_done} of {len(refs)} input(s) are done and kept: run "
+                                           "the same command again to finish") from None
+                    bar.update(len(results))
+            finally:
+                if hasattr(batches, "close"):  # Ray's generator: shut down what it started
+                    batches.close()
+    except OSError as e:  # the state folder cannot be made or read
+        raise LrpOnnxError(f"cannot write in {str(out_dir)!r}: {e.strerror or e}") from None
     except KeyboardInterrupt:
         print(f"lrponnx: interrupted with {job.n_done} of {len(refs)} input(s) done; run the same command "
               "again to finish", file=sys.stderr)

@@ -225,3 +225,41 @@ def test_overview_keeps_the_first_32_inputs(explainer, tmp_path):
                  "-o", str(tmp_path / "ob")]) == 0
     assert (tmp_path / "oa" / "overview.png").read_bytes() == (tmp_path / "ob" / "overview.png").read_bytes()
     assert len(list((tmp_path / "oa" / ".lrponnx-explain" / "rows").iterdir())) == 32
+
+
+def test_the_same_file_twice_is_two_inputs_and_resumes(explainer, tmp_path):
+    (img,) = make_images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    assert main(["explain", str(explainer), str(img), str(img), "-o", str(out)]) == 0
+    names = sorted(p.name for p in out.glob("*_heatmap.png"))
+    assert names == ["in_img0000_1_heatmap.png", "in_img0000_heatmap.png"]
+    stamps = [(out / n).stat().st_mtime_ns for n in names]
+    assert main(["explain", str(explainer), str(img), str(img), "-o", str(out)]) == 0
+    assert [(out / n).stat().st_mtime_ns for n in names] == stamps  # neither was redone
+
+
+def test_a_write_error_midway_is_one_line_and_the_rerun_finishes(explainer, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lrponnx.explain_cli import ExplainJob
+
+    make_images(tmp_path / "in", 12)
+    args = ["explain", str(explainer), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4"]
+    real, calls = ExplainJob._fsync_all, []
+
+    def full_disk(self, paths):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, paths)
+
+    monkeypatch.setattr(ExplainJob, "_fsync_all", full_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "4 of 12" in err and "Traceback" not in err
+    assert not temporaries(tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*_heatmap.png"))) == 4
+    monkeypatch.setattr(ExplainJob, "_fsync_all", real)
+    assert main(args) == 0
+    assert main([*args[:4], str(tmp_path / "clean"), *args[5:]]) == 0
+    assert outputs(tmp_path / "out") == outputs(tmp_path / "clean")
