@@ -48,6 +48,7 @@ def connect(address: str | None = "auto") -> bool:
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines would cut the progress bar
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would report usage over the network
     try:
         if address in (None, "local"):
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,

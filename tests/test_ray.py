@@ -2,6 +2,7 @@
 files of the single-process run; a Ray Dataset maps to the API's relevance."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from lrponnx.cli import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network: Ray must not report usage
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
