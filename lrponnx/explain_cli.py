@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +213,8 @@ class ChunkEngine:
             for base, _ in group:
                 base.error = f"{base.source!r}: explaining failed: {msg}"
             return
-        logits = res.outputs[self.explainer.model_outputs[0]].reshape(len(group), -1)
+        logits = res.outputs[getattr(self.explainer, "scores_output", self.explainer.model_outputs[0])].reshape(
+            len(group), -1)
         for k, (base, item) in enumerate(group):
             rel = np.array(res.relevance[k])  # its own copy: the batch is let go
             if not (np.isfinite(rel).all() and np.isfinite(logits[k]).all()):
@@ -413,20 +415,28 @@ class ExplainJob:
         return entries
 
     def _read_rows(self) -> None:
+        """The overview rows a previous run kept, matched to the inputs by key and output stem (so a
+        changed input list keeps them), for inputs that are still done."""
         folder = self.state / "rows"
+        position = {}
+        for i, key in enumerate(self.keys):
+            position.setdefault(json.dumps([key, self.stems[i]]), i)
+        moved = []
         for p in sorted(folder.glob("*.npz")):
-            keep = False
+            pos = None
             try:
-                pos = int(p.stem)
-                if 0 <= pos < len(self.refs) and self.done[pos]:
-                    with np.load(p, allow_pickle=False) as z:
-                        if json.loads(str(z["key"])) == self.keys[pos]:
-                            self.rows[pos] = _Row(pos, str(z["label"]), z["display"], z["relevance"])
-                            keep = True
-            except (ValueError, OSError, KeyError):
-                keep = False
-            if not keep:
+                with np.load(p, allow_pickle=False) as z:
+                    pos = position.get(str(z["key"]))
+                    if pos is not None and self.done[pos] and pos not in self.rows:
+                        self.rows[pos] = _Row(pos, str(z["label"]), z["display"], z["relevance"])
+                        if p.name != f"{pos}.npz":
+                            moved.append(pos)
+            except (ValueError, OSError, KeyError, zipfile.BadZipFile):
+                pass
+            if pos is None or p.name != f"{pos}.npz" or pos not in self.rows:
                 p.unlink()
+        for pos in moved:  # the input list changed: the row's file follows its input's position
+            self._save_row(self.rows[pos], json.dumps([self.keys[pos], self.stems[pos]]))
         self._prune_rows()
 
     def _prune_rows(self) -> None:
@@ -530,16 +540,17 @@ class ExplainJob:
             return
         if len(self.rows) >= OVERVIEW_ROWS and r.position > max(self.rows):
             return
-        label = f"{r.name}: {r.label}"
-        key = json.dumps(self.keys[r.position])
-
-        def write(f):
-            np.savez_compressed(f, key=np.array(key), label=np.array(label), display=r.display,
-                                relevance=r.relevance)
-
-        _write_file(self.state / "rows" / f"{r.position}.npz", write)
-        self.rows[r.position] = _Row(r.position, label, r.display, r.relevance)
+        row = _Row(r.position, f"{r.name}: {r.label}", r.display, r.relevance)
+        self._save_row(row, json.dumps([self.keys[r.position], self.stems[r.position]]))
+        self.rows[r.position] = row
         self._prune_rows()
+
+    def _save_row(self, row: _Row, key: str) -> None:
+        def write(f):
+            np.savez_compressed(f, key=np.array(key), label=np.array(row.label), display=row.display,
+                                relevance=row.relevance)
+
+        _write_file(self.state / "rows" / f"{row.position}.npz", write)
 
     def finish(self, cmap: str) -> tuple[int, int]:
         """Write summary.json and overview.png from the journal's records; (done, failed)."""

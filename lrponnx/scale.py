@@ -130,11 +130,11 @@ def run_chunks(chunks: Iterable, explainer, preprocessing, *, address: str | Non
     node (a shared file system). The driver writes the outputs."""
     ray = _ray()
     cpus_per_actor = max(1, int(cpus_per_actor))
+    todo = list(chunks)
+    if not todo:  # nothing left to do: no cluster needed
+        return
     started = connect(address)
     try:
-        todo = list(chunks)
-        if not todo:
-            return
         ray.data.DataContext.get_current().enable_progress_bars = False
         spec = _Spec(_model_bytes(explainer), preprocessing, target, cmap, threads=cpus_per_actor)
         rows = [{"chunk": i, "payload": pickle.dumps(c)} for i, c in enumerate(todo)]
