@@ -36,12 +36,16 @@ def add_rule_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-runtime", default="any", choices=["any", "webgpu"],
                    help="write the graph for this runtime: any (default, fastest on ONNX Runtime's CPU) or "
                         "webgpu (onnxruntime-web's WebGPU provider; no 3-D pooling, no MaxPool Indices)")
+    p.add_argument("--explain-output", default=None, metavar="NAME",
+                   help="the model output whose class scores are explained (the input of a final Softmax is "
+                        "taken); default: the only output, or the only one made by a Softmax")
 
 
 def rule_kwargs(args) -> dict:
     return dict(composite=args.composite, epsilon=args.epsilon, gamma=args.gamma, low=args.low, high=args.high,
                 rules=args.rule, lrn_rule=args.lrn_rule, lrn_epsilon=args.lrn_epsilon,
-                lrn_denominator=args.lrn_denominator, seed=args.seed, target_runtime=args.target_runtime)
+                lrn_denominator=args.lrn_denominator, seed=args.seed, target_runtime=args.target_runtime,
+                output=args.explain_output)
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -78,7 +82,9 @@ def cmd_inspect(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))
-    print(f"\nexplained output: {p.logits}")
+    shown = shorten(p.output or p.logits)
+    print(f"\nexplained output: {shown}" + (f" (the scores {shorten(p.logits)!r} its Softmax is computed from)"
+                                           if p.output and p.output != p.logits else ""))
     if p.offenders:
         print(f"\n{len(p.offenders)} node(s) cannot be explained:")
         for o in p.offenders:

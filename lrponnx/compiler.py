@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from . import __version__
 from .builder import GraphBuilder, state_spatial_attributes
 from .composites import RuleOptions, assign_rules, parse_override
-from .errors import InvalidModelError, Offender, RuleError, UnsupportedModelError
+from .errors import InvalidModelError, Offender, RuleError, UnsupportedModelError, shorten
 from .load import first_line, prepare, read_model, skeleton
 from .relevance import TARGET_RUNTIMES, Ctx, Unsupported, combine, load_handlers
 from .units import Unit, build_units
@@ -45,6 +45,7 @@ class Plan:
     units: list[Unit]
     logits: str
     offenders: list[Offender]
+    output: str = ""     # the graph output explained (``logits`` itself, or the Softmax made from it)
 
 
 def _options(composite, epsilon, gamma, low, high, rules, lrn_rule, lrn_epsilon, lrn_denominator) -> RuleOptions:
@@ -54,31 +55,99 @@ def _options(composite, epsilon, gamma, low, high, rules, lrn_rule, lrn_epsilon,
                        overrides=overrides)
 
 
-def find_logits(view: ModelView) -> str:
-    """The tensor to explain: the first output, or the input of a Softmax/LogSoftmax producing it."""
+def find_logits(view: ModelView, output: str | None = None) -> str:
+    """The tensor to explain (the class scores): see :func:`choose_output`."""
+    return choose_output(view, output)[1]
+
+
+def _terminal_softmax_input(view: ModelView, out: str) -> str | None:
+    """The input of a Softmax/LogSoftmax over the class axis that produces graph output ``out``."""
+    node = view.producer.get(out)
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax") or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = view.shape(node.input[0])
+    axis = int(next((a.i for a in node.attribute if a.name == "axis"), -1))
+    if shape is None:
+        return node.input[0] if axis in (1, -1) else None
+    rank = len(shape)
+    axis = axis + rank if axis < 0 else axis
+    # axis 1: over the classes of [N, K] or [N, K, 1, ..., 1]; the last axis of [N, K] is the same
+    if axis == 1 or (axis == rank - 1 and rank == 2):
+        return node.input[0]
+    # opset < 13 flattens from `axis` on: axis 1 over [N, K, 1, 1] is also over the classes
+    return None
+
+
+def _class_scores(view: ModelView, name: str) -> bool:
+    """Shape [N, K] or [N, K, 1, ..., 1] with a static K."""
+    shape = view.shape(name)
+    return shape is not None and len(shape) >= 2 and shape[1] is not None and all(d == 1 for d in shape[2:])
+
+
+def _describe(view: ModelView, name: str) -> str:
+    shape = view.shape(name)
+    dims = "?" if shape is None else "[" + ", ".join("N" if k == 0 and d is None else str(d if d is not None
+                                                                                         else "?")
+                                                     for k, d in enumerate(shape)) + "]"
+    soft = " (Softmax)" if _terminal_softmax_input(view, name) is not None else ""
+    return f"{shorten(name)} {dims}{soft}"
+
+
+def choose_output(view: ModelView, output: str | None = None) -> tuple[str, str]:
+    """(graph output, tensor to explain). The tensor is the output itself, or the input of the
+    Softmax/LogSoftmax (over the classes) that produces it: the class scores.
+
+    ``output``: the graph output to explain (or the class scores feeding a terminal Softmax). By
+    default: the only output; with several, the only one made by a terminal Softmax/LogSoftmax;
+    otherwise a :class:`RuleError` lists the candidates."""
     if not view.outputs:
         raise InvalidModelError("the model has no outputs")
-    out = view.outputs[0]
-    node = view.producer.get(out)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
-        return node.input[0]
-    return out
+    if output is not None:
+        if output in view.outputs:
+            return output, _terminal_softmax_input(view, output) or output
+        for out in view.outputs:  # the logits that a terminal Softmax turns into an output
+            if _terminal_softmax_input(view, out) == output:
+                return out, output
+        listed = ", ".join(_describe(view, o) for o in view.outputs)
+        raise RuleError(f"output {shorten(output)!r} is not an output of the model; its outputs: {listed}")
+    if len(view.outputs) == 1:
+        out = view.outputs[0]
+        return out, _terminal_softmax_input(view, out) or out
+    soft = [o for o in view.outputs if _terminal_softmax_input(view, o) is not None
+            and _class_scores(view, _terminal_softmax_input(view, o))]
+    if len(soft) == 1:
+        return soft[0], _terminal_softmax_input(view, soft[0])
+    listed = ", ".join(_describe(view, o) for o in view.outputs)
+    raise RuleError(f"the model has {len(view.outputs)} outputs and none is clearly the class scores: {listed}; "
+                    "choose one with --explain-output NAME (Python: output=NAME)")
+
+
+def check_float32(view: ModelView) -> None:
+    """float64 activations or weights: refused plainly (the explainer graph is float32)."""
+    doubles = [n for n in list(view.inputs) + list(view.outputs)
+               if view.elem_type(n) == TensorProto.DOUBLE]
+    doubles += [n for n in view.dynamic if view.elem_type(n) == TensorProto.DOUBLE]
+    if doubles:
+        raise InvalidModelError(
+            f"float64 models are not supported (tensor {shorten(doubles[0])!r} is float64); export the model "
+            "in float32 (PyTorch: model.float() before torch.onnx.export) and convert that")
 
 
 def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
          low=None, high=None, rules=(), lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6,
-         lrn_denominator: str = "sum", lazy_weights: bool = False) -> Plan:
+         lrn_denominator: str = "sum", lazy_weights: bool = False, output: str | None = None) -> Plan:
     """Prepare the model and assign rules, without emitting anything (``lrponnx inspect``).
-    ``lazy_weights``: see :func:`convert`."""
+    ``lazy_weights``, ``output``: see :func:`convert`."""
     model = prepare(model, lazy_weights)
     view = ModelView(model)
-    logits = find_logits(view)
+    check_float32(view)
+    explained, logits = choose_output(view, output)
     units = build_units(view)
     opts = _options(composite, epsilon, gamma, low, high, rules, lrn_rule, lrn_epsilon, lrn_denominator)
     if opts.low is None and opts.high is None and opts.composite == "epsilon-gamma-box":
         opts.low, opts.high = _bounds_from_metadata(model)
     assign_rules(units, view.inputs, opts)
-    return Plan(model, view, units, logits, _dry_run_offenders(view, units, logits))
+    return Plan(model, view, units, logits, _dry_run_offenders(view, units, logits), explained)
 
 
 def _dry_run_offenders(view: ModelView, units: list[Unit], logits: str) -> list[Offender]:
@@ -147,7 +216,8 @@ def _why_unsupported(u: Unit) -> str:
 def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
             lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum",
-            lazy_weights: bool = False, exact_forward: bool = False, target_runtime: str = "any") -> onnx.ModelProto:
+            lazy_weights: bool = False, exact_forward: bool = False, target_runtime: str = "any",
+            output: str | None = None) -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
 
     The explainer keeps the model's inputs and outputs, adds a required int64 ``target`` input
@@ -165,6 +235,12 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     ``target_runtime``: ``"any"`` (the fastest forms on ONNX Runtime's CPU provider, which every
     runtime but WebGPU runs) or ``"webgpu"`` (no 3-D pooling, no MaxPool ``Indices``: what
     onnxruntime-web's WebGPU provider runs; exact too, slower on the CPU). See ``docs/webgpu.md``.
+
+    ``output``: the graph output whose class scores are explained (the input of a terminal
+    Softmax/LogSoftmax when one makes it). Default: the only output, or the only output made by a
+    terminal Softmax; a model with several outputs and no such choice is refused with the list.
+    The scores must be ``[N, K]`` or ``[N, K, 1, ..., 1]``; recorded as ``lrponnx.logits``
+    (the tensor) and ``lrponnx.output`` (the graph output).
     """
     if seed not in SEEDS:
         raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
@@ -172,7 +248,7 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         raise RuleError(f"target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {target_runtime!r}")
     p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
              lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator,
-             lazy_weights=lazy_weights)
+             lazy_weights=lazy_weights, output=output)
     if p.offenders:
         raise UnsupportedModelError(p.offenders)
     explainer = p.model  # prepare() made our own copy: extend it in place
@@ -220,21 +296,25 @@ def _check(explainer: onnx.ModelProto, original) -> None:
 
 def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
     shape = view.shape(logits)
-    if shape is None or len(shape) != 2 or shape[1] is None:
+    if shape is None or len(shape) < 2 or shape[1] is None or any(d != 1 for d in shape[2:]):
         raise UnsupportedModelError([Offender(view.producer[logits].name if logits in view.producer else logits,
-                                              "output", f"the explained output must be [batch, classes] with a "
-                                              f"static class count, got shape {shape}")])
+                                              "output", f"the explained output must be [batch, classes] or "
+                                              f"[batch, classes, 1, ..., 1] with a static class count, got "
+                                              f"shape {shape}; choose another with --explain-output NAME")])
     if TARGET_INPUT in {i.name for i in g.graph.input} | set(view.producer):
         raise InvalidModelError(f"the model already has a tensor named {TARGET_INPUT!r}")
     classes = shape[1]
     # an ordinary graph input (no initializer): every runtime lists it and takes the feed
     g.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [_batch_dim(view)]))
-    argmax = g.op("ArgMax", logits, axis=1, keepdims=0, hint="argmax")
+    scores = logits if len(shape) == 2 else g.op("Reshape", logits, g.ints([0, classes]), hint="scores")
+    argmax = g.op("ArgMax", scores, axis=1, keepdims=0, hint="argmax")
     target = g.op("Where", g.op("Less", TARGET_INPUT, g.const(0, dtype=np.int64)), argmax, TARGET_INPUT,
                   hint="target")
     hits = g.op("Equal", g.op("Unsqueeze", target, g.ints([1])),
                 g.const(np.arange(classes).reshape(1, classes), hint="classes", dtype=np.int64))
     onehot = g.op("Cast", hits, to=TensorProto.FLOAT, hint="onehot")
+    if len(shape) > 2:  # back to the scores' own shape [N, K, 1, ..., 1]
+        onehot = g.op("Reshape", onehot, g.ints([0, classes] + [1] * (len(shape) - 2)), hint="onehot_kept")
     return onehot if seed == "one" else g.op("Mul", onehot, logits, hint="seed")
 
 
@@ -334,6 +414,7 @@ def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, 
         "lrponnx.logits": p.logits,
         "lrponnx.target_input": TARGET_INPUT,
         "lrponnx.class_count": str(p.view.shape(p.logits)[1]),
+        "lrponnx.output": p.output or p.logits,
         "lrponnx.relevance_outputs": json.dumps(names),
         "lrponnx.rules": json.dumps(rules),
         "lrponnx.forward_recomputed": json.dumps(recomputed),  # forward tensors made by other ops

@@ -30,6 +30,7 @@ RULE_DEFAULTS: dict[str, dict] = {
     "proportional": {"epsilon": 1e-6},
     "taylor": {"epsilon": 1e-6, "denominator": "sum"},
     "identity": {},
+    "signal-takes-all": {},
 }
 
 

@@ -8,7 +8,8 @@ without redoing finished inputs, with outputs byte-identical to an uninterrupted
 (docs/scale.md).
 
 Exit codes: 0 every input explained; 2 a user mistake, nothing was done; 3 the run finished but some
-inputs failed (listed in ``summary.json``); 130 interrupted (run the same command again to finish).
+inputs failed (listed in ``summary.json``); 130 / 143 interrupted by Ctrl-C / SIGTERM (run the same
+command again to finish).
 """
 from __future__ import annotations
 
@@ -620,14 +621,6 @@ def _identity(model_bytes_sha: str, options: dict, pre, args) -> dict:
     }
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an interruption so that temporary files are removed on the way out."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def run_explain(args) -> int:
     from .cli import rule_kwargs
     from .load import read_model
@@ -663,11 +656,14 @@ def run_explain(args) -> int:
     engine = ChunkEngine(explainer, pre, target=args.target, cmap=args.cmap)
     ray_address = getattr(args, "ray", None)
 
+    from .cli import Terminated, _on_sigterm
+
     previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        pass
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # called outside `main`, which installs it
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)  # raises Terminated: files cleaned up
+        except ValueError:  # not the main thread
+            pass
     try:
         job.open()
         before = job.n_done
@@ -701,8 +697,11 @@ def run_explain(args) -> int:
                     batches.close()
     except OSError as e:  # the state folder cannot be made or read
         raise LrpOnnxError(f"cannot write in {str(out_dir)!r}: {e.strerror or e}") from None
-    except KeyboardInterrupt:
-        print(f"lrponnx: interrupted with {job.n_done} of {len(refs)} input(s) done; run the same command "
+    except BaseException as e:
+        # by name too: under `python -m lrponnx.cli` the handler's class lives in __main__, not in lrponnx.cli
+        if not (isinstance(e, (KeyboardInterrupt, Terminated)) or type(e).__name__ == "Terminated"):
+            raise
+        print(f"lrponnx: stopped with {job.n_done} of {len(refs)} input(s) done; run the same command "
               "again to finish", file=sys.stderr)
         raise
     finally:

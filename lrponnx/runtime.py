@@ -143,6 +143,9 @@ class Explainer:
         outs = [o.name for o in self.session.get_outputs()]
         rel = set(self.relevance_outputs.values())
         self.model_outputs = [o for o in outs if o not in rel and not o.startswith("lrp_")]
+        # the output whose class is explained (--explain-output); older explainers: the first
+        chosen = meta.get("lrponnx.output")
+        self.scores_output = chosen if chosen in self.model_outputs else self.model_outputs[0]
 
     def _class_count(self) -> int | None:
         if "lrponnx.class_count" in self.metadata:
@@ -238,7 +241,7 @@ class Explainer:
         values = self.session.run(names, feeds)
         outputs = dict(zip(self.model_outputs, values[:len(self.model_outputs)]))
         rel = dict(zip(self.relevance_outputs.keys(), values[len(self.model_outputs):]))
-        first = outputs[self.model_outputs[0]]
+        first = outputs[self.scores_output]
         explained = np.where(t < 0, np.argmax(first.reshape(batch, -1), axis=1), t)
         nonfinite = np.zeros(batch, bool)
         for r in rel.values():

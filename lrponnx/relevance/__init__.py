@@ -220,3 +220,5 @@ def load_handlers() -> dict[str, Handler]:
     from . import linear, lrn, pooling, structural  # noqa: F401
 
     return HANDLERS
+    from . import activations, reductions  # noqa: F401  (after structural: activations refines Mul)
+    from . import layernorm, routing  # noqa: F401  (LayerNorm; Split, Slice, Gather, Expand, Tile, Where)
