@@ -40,6 +40,10 @@ STATE_DIR = ".lrponnx-explain"
 #: Rows of overview.png (the first inputs explained, in input order).
 OVERVIEW_ROWS = 32
 JOB_FORMAT = 1
+#: On Ray, actors send relevance and display images back only for inputs before this position (and
+#: relevance for all with --save-raw): the overview needs 32 rows, heatmaps travel as PNG. A row
+#: still missing at the end (many early failures) is recomputed locally (ExplainJob.complete_rows).
+RAY_ARRAYS_BELOW = 2 * OVERVIEW_ROWS
 _TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
@@ -292,6 +296,7 @@ class ExplainJob:
     save_raw: bool
     overwrite: bool = False
     echo: bool = False
+    has_display: bool = True  # inputs come with a display image (the model has preprocessing)
     keys: list = field(default_factory=list)
     records: dict = field(default_factory=dict)
     done: bytearray = field(default_factory=bytearray)
@@ -553,6 +558,20 @@ class ExplainJob:
 
         _write_file(self.state / "rows" / f"{row.position}.npz", write)
 
+    def complete_rows(self, batch: int, recompute) -> None:
+        """Rows the overview needs but does not have (Ray sends arrays back only for the first
+        inputs; or the state's rows/ was deleted): explain their batches again with
+        ``recompute(entries) -> [ItemResult]``, the same batches as before, so the same bytes."""
+        if not self.has_display:
+            return
+        needed = [p for p in range(len(self.refs)) if self.done[p]][:OVERVIEW_ROWS]
+        missing = [p for p in needed if p not in self.rows]
+        for start in sorted({p // batch * batch for p in missing}):
+            entries = [(q, self.refs[q]) for q in range(start, min(start + batch, len(self.refs)))]
+            for r in recompute(entries):
+                if r.position in missing and r.ok and r.display is not None:
+                    self._offer_row(r)
+
     def finish(self, cmap: str) -> tuple[int, int]:
         """Write summary.json and overview.png from the journal's records; (done, failed)."""
         from .render import overview
@@ -651,7 +670,8 @@ def run_explain(args) -> int:
     refs = list_inputs(args.inputs, pre)
     stems = _unique_stems(refs)
     job = ExplainJob(out_dir, refs, stems, _identity(model_sha, options, pre, args), bool(args.save_raw),
-                     overwrite=bool(getattr(args, "overwrite", False)), echo=len(refs) <= 16)
+                     overwrite=bool(getattr(args, "overwrite", False)), echo=len(refs) <= 16,
+                     has_display=pre is not None)
     job.check()
     engine = ChunkEngine(explainer, pre, target=args.target, cmap=args.cmap)
     ray_address = getattr(args, "ray", None)
@@ -679,7 +699,8 @@ def run_explain(args) -> int:
 
                 batches = run_chunks(job.pending_chunks(args.batch_size), explainer, pre, address=ray_address,
                                      target=args.target, cmap=args.cmap, actors=args.ray_actors,
-                                     cpus_per_actor=args.ray_cpus_per_actor)
+                                     cpus_per_actor=args.ray_cpus_per_actor, save_raw=bool(args.save_raw),
+                                     arrays_below=RAY_ARRAYS_BELOW)
             else:
                 batches = map(engine.run, job.pending_chunks(args.batch_size))
             try:
@@ -708,6 +729,7 @@ def run_explain(args) -> int:
         job.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    job.complete_rows(args.batch_size, engine.run)
     n_done, n_failed = job.finish(args.cmap)
     print(f"wrote {n_done} heatmap(s) to {out_dir}" +
           (f"; {n_failed} input(s) failed (listed in {out_dir / 'summary.json'})" if n_failed else ""))

@@ -103,11 +103,25 @@ def _unbox(box):
 class _ChunkActor:
     """One Explainer session; each call explains whole chunks (pickled lists of (position, InputRef))."""
 
-    def __init__(self, spec_box):
+    def __init__(self, spec_box, save_raw: bool = True, arrays_below: int | None = None):
         self.engine = _engine(_unbox(spec_box))
+        self.save_raw = save_raw
+        self.arrays_below = arrays_below
+
+    def _slim(self, results: list) -> list:
+        """Drop what the driver will not use (relevance without --save-raw, display images) past
+        ``arrays_below``: the heatmap itself travels as PNG bytes."""
+        if self.arrays_below is None:
+            return results
+        for r in results:
+            if r.position >= self.arrays_below:
+                r.display = None
+                if not self.save_raw:
+                    r.relevance = None
+        return results
 
     def __call__(self, batch: dict) -> dict:
-        results = [pickle.dumps(self.engine.run(pickle.loads(p))) for p in batch["payload"]]
+        results = [pickle.dumps(self._slim(self.engine.run(pickle.loads(p)))) for p in batch["payload"]]
         return {"chunk": np.asarray(batch["chunk"]), "results": np.array(results, dtype=object)}
 
 
@@ -122,9 +136,10 @@ def _actors(actors: int | None, cpus_per_actor: int, work: int) -> int:
 
 def run_chunks(chunks: Iterable, explainer, preprocessing, *, address: str | None = "auto",
                target: int | None = None, cmap: str = "coldnhot", actors: int | None = None,
-               cpus_per_actor: int = 1) -> Iterator[list]:
+               cpus_per_actor: int = 1, save_raw: bool = True, arrays_below: int | None = None) -> Iterator[list]:
     """Explain ``chunks`` (lists of (position, InputRef)) on Ray; yield each chunk's list of
-    :class:`~lrponnx.explain_cli.ItemResult` as it comes back (in any order).
+    :class:`~lrponnx.explain_cli.ItemResult` as it comes back (in any order). Past position
+    ``arrays_below`` the results carry no display image, and no relevance unless ``save_raw``.
 
     The actors read the inputs themselves: on a cluster the input paths must be readable on every
     node (a shared file system). The driver writes the outputs."""
@@ -140,7 +155,8 @@ def run_chunks(chunks: Iterable, explainer, preprocessing, *, address: str | Non
         rows = [{"chunk": i, "payload": pickle.dumps(c)} for i, c in enumerate(todo)]
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
         del rows
-        out = ds.map_batches(_ChunkActor, fn_constructor_args=([spec],), batch_size=1, batch_format="numpy",
+        out = ds.map_batches(_ChunkActor, fn_constructor_args=([spec], save_raw, arrays_below), batch_size=1,
+                             batch_format="numpy",
                              compute=ray.data.ActorPoolStrategy(size=_actors(actors, cpus_per_actor, len(todo))),
                              num_cpus=cpus_per_actor)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

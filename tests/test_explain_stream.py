@@ -263,3 +263,17 @@ def test_a_write_error_midway_is_one_line_and_the_rerun_finishes(explainer, tmp_
     assert main(args) == 0
     assert main([*args[:4], str(tmp_path / "clean"), *args[5:]]) == 0
     assert outputs(tmp_path / "out") == outputs(tmp_path / "clean")
+
+
+def test_overview_rows_lost_from_the_state_are_recomputed_identically(explainer, tmp_path):
+    make_images(tmp_path / "in", 11)
+    args = ["explain", str(explainer), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4"]
+    assert main(args) == 0
+    before = outputs(tmp_path / "out")
+    rows = tmp_path / "out" / ".lrponnx-explain" / "rows"
+    for p in rows.iterdir():
+        p.unlink()
+    (tmp_path / "out" / "overview.png").unlink()
+    assert main(args) == 0
+    assert outputs(tmp_path / "out") == before
+    assert len(list(rows.iterdir())) == 11
