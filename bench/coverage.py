@@ -1,0 +1,468 @@
+"""Coverage of the torchvision classifiers: which architectures lrponnx explains, from both
+PyTorch exporters, how close to Zennit and at what cost. Writes ``docs/coverage.md``.
+
+For each architecture of :data:`ARCHS` (random weights: ``torch.manual_seed(0)``, then every
+BatchNorm's statistics and affine parameters jittered with a fixed generator so that folding them
+matters; eval mode) and each exporter (``torch.onnx.export(..., dynamo=False)``, "torchscript",
+and the dynamo default, "dynamo"), the ONNX file is exported once and cached in
+``bench/_work/coverage/``. Then:
+
+- **converts**: ``lrponnx.convert`` (default composite ``epsilon-plus-flat``), or the reason it refuses;
+- **outputs**: the explainer's logits vs ONNX Runtime on the plain model (max abs difference,
+  relative to the largest logit), and the relevance is finite;
+- **conservation**: sum of the input relevance / the target logit (``seed=logit``). Only meaningful
+  where every rule on the path conserves (no flat first layer, no biases): reported, not judged;
+- **parity**: relative L2 error per sample against Zennit 0.5.1 on the torch model (float64), with
+  the canonizers that make the two explain the same function (exact BatchNorm merge, ``Sum`` for
+  residual adds, average pools as modules; ``tests/test_zennit_parity.py``). "n/a" says why Zennit
+  applies other rules (gating, LayerNorm, ...);
+- **ratio**: explainer time / forward time at batch 8, 2 ONNX Runtime threads, median of runs.
+
+    python bench/coverage.py [--archs resnet18,alexnet] [--exporters torchscript,dynamo]
+                             [--export-only] [--no-time] [--size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORK = HERE / "_work" / "coverage"
+DOC = ROOT / "docs" / "coverage.md"
+
+ARCHS = ("alexnet", "vgg16", "vgg16_bn", "resnet18", "resnet50", "googlenet", "inception_v3", "densenet121",
+         "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0",
+         "mnasnet0_5", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t")
+EXPORTERS = ("torchscript", "dynamo")
+#: the transformer architectures: another issue
+TRANSFORMERS = ("vit_b_16", "swin_t")
+TOL = 1e-4
+
+
+def input_size(arch: str, size: int | None = None) -> int:
+    if size is not None:
+        return size
+    return 299 if arch == "inception_v3" else 224
+
+
+def make_model(arch: str):
+    """The torchvision classifier with random weights (seeded), BatchNorm statistics jittered."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    kw = {}
+    if arch in ("googlenet", "inception_v3"):
+        kw = dict(aux_logits=False, init_weights=True)
+    model = getattr(torchvision.models, arch)(weights=None, **kw)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                    m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+    return model.eval()
+
+
+def onnx_path(arch: str, exporter: str, size: int) -> Path:
+    return WORK / f"{arch}-{exporter}-{size}.onnx"
+
+
+def export(arch: str, exporter: str, size: int | None = None, model=None) -> tuple[Path | None, dict]:
+    """Export once (cached): returns the path (None when the exporter fails) and what happened."""
+    import torch
+
+    size = input_size(arch, size)
+    path = onnx_path(arch, exporter, size)
+    info_path = path.with_suffix(".json")
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        return (path if info.get("ok") else None), info
+    WORK.mkdir(parents=True, exist_ok=True)
+    model = model if model is not None else make_model(arch)
+    x = torch.zeros(1, 3, size, size)
+    info = {"arch": arch, "exporter": exporter, "size": size, "torch": torch.__version__}
+    t0 = time.perf_counter()
+    tmp = path.with_suffix(".tmp.onnx")
+    try:
+        if exporter == "torchscript":
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            info["dynamic_batch"] = True
+        else:
+            try:
+                prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
+                                         dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+                                         verbose=False)
+                info["dynamic_batch"] = True
+            except Exception as e:  # some models do not export with a symbolic batch
+                info["dynamic_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
+                                         verbose=False)
+                info["dynamic_batch"] = False
+            prog.save(str(tmp))
+        _inline_external(tmp)
+        os.replace(tmp, path)
+        info["ok"] = True
+    except Exception as e:
+        info["ok"] = False
+        info["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else \
+            type(e).__name__
+    finally:
+        for p in (tmp, Path(str(tmp) + ".data")):
+            if p.exists():
+                p.unlink()
+    info["export_s"] = round(time.perf_counter() - t0, 1)
+    info_path.write_text(json.dumps(info, indent=1))
+    return (path if info["ok"] else None), info
+
+
+def _inline_external(path: Path) -> None:
+    """One self-contained file (the dynamo exporter may write weights beside the model)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    onnx.save(m, str(path))
+
+
+
+# -- Zennit on the torch model ------------------------------------------------------------------------------
+
+def _exact_merge_bn():
+    from zennit.canonizers import SequentialMergeBatchNorm
+
+    class ExactSequentialMergeBatchNorm(SequentialMergeBatchNorm):
+        """Zennit's merge with the neutralised BatchNorm's eps set to 0 (tests/test_zennit_parity.py)."""
+
+        def register(self, linears, batch_norm):
+            self.saved_eps = batch_norm.eps
+            super().register(linears, batch_norm)
+            batch_norm.eps = 0.0
+
+        def remove(self):
+            super().remove()
+            self.batch_norm.eps = self.saved_eps
+
+        def copy(self):
+            return self.__class__()
+
+    return ExactSequentialMergeBatchNorm()
+
+
+def _sum_of(module, *terms):
+    """``zennit.layer.Sum`` over the stacked terms (a module, so Zennit gives it ``Norm`` like lrponnx's Add)."""
+    import torch
+
+    return module.zennit_sum(torch.stack(terms, dim=-1))
+
+
+def _module_pool(model, features, head, flatten=True):
+    """Replace a functional global average pool by an ``AdaptiveAvgPool2d(1)`` module (Zennit: ``Norm``)."""
+    import types
+
+    import torch
+
+    model.zennit_pool = torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.zennit_pool(features(self, x))
+        return head(self, torch.flatten(x, 1) if flatten else x)
+    model.forward = types.MethodType(forward, model)
+
+
+def zennit_setup(arch: str, model):
+    """Make the float64 torch model explainable by Zennit with the rules lrponnx applies, or say why
+    not. Returns (canonizers, None) or (None, reason)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from zennit.layer import Sum
+
+    gated = {"mobilenet_v3_small": "squeeze-excitation", "efficientnet_b0": "squeeze-excitation",
+             "regnet_y_400mf": "squeeze-excitation", "convnext_tiny": "LayerNorm and layer scale"}
+    if arch in gated:
+        return None, (f"n/a: {gated[arch]} (Zennit takes the gradient through "
+                      + ("the gate product" if "excitation" in gated[arch] else "LayerNorm and the scale") + ")")
+    if arch == "inception_v3":
+        return None, "n/a: functional avg_pool2d in the blocks (Zennit: gradient, lrponnx: norm)"
+    if arch in TRANSFORMERS:
+        return None, "n/a: transformer"
+    canonizers = [_exact_merge_bn()]
+    if arch.startswith("resnet"):
+        from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+        canonizers += [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
+    elif arch == "mobilenet_v2":
+        for m in model.modules():
+            if isinstance(m, torchvision.models.mobilenetv2.InvertedResidual) and m.use_res_connect:
+                m.zennit_sum = Sum()
+                m.forward = types.MethodType(lambda self, x: _sum_of(self, x, self.conv(x)), m)
+        _module_pool(model, lambda self, x: self.features(x), lambda self, x: self.classifier(x))
+    elif arch.startswith("mnasnet"):
+        for m in model.modules():
+            if isinstance(m, torchvision.models.mnasnet._InvertedResidual) and m.apply_residual:
+                m.zennit_sum = Sum()
+                m.forward = types.MethodType(lambda self, x: _sum_of(self, self.layers(x), x), m)
+        _module_pool(model, lambda self, x: self.layers(x), lambda self, x: self.classifier(x))
+    elif arch.startswith("densenet"):
+        _module_pool(model, lambda self, x: F.relu(self.features(x)), lambda self, x: self.classifier(x))
+    elif arch.startswith("shufflenet"):
+        _module_pool(model, lambda self, x: self.conv5(self.stage4(self.stage3(self.stage2(
+            self.maxpool(self.conv1(x)))))), lambda self, x: self.fc(x))
+    return canonizers, None
+
+
+def zennit_relevance(model64, canonizers, x, target):
+    import torch
+    from zennit.composites import EpsilonPlusFlat
+
+    comp = EpsilonPlusFlat(canonizers=canonizers)
+    xt = torch.from_numpy(x).double().requires_grad_()
+    with comp.context(model64) as modified:
+        out = modified(xt)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(target), out.shape[1]).double()
+        rel, = torch.autograd.grad(out, xt, grad_outputs=onehot * out.detach())
+    return out.detach().numpy(), rel.numpy()
+
+
+# -- one row of the table --------------------------------------------------------------------------------------
+
+def _session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _median_time(fn, runs: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _refusal(e: Exception) -> str:
+    from lrponnx.errors import UnsupportedModelError
+
+    if isinstance(e, UnsupportedModelError):
+        counts: dict = {}
+        first: dict = {}
+        for o in e.offenders:
+            counts[o.op_type] = counts.get(o.op_type, 0) + 1
+            first.setdefault(o.op_type, o.why)
+        return "; ".join(f"{op} x{n}: {first[op][:110]}" for op, n in counts.items())
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+
+
+def evaluate(arch: str, exporter: str, *, timing: bool = True, threads: int = 2, parity: bool = True,
+             size: int | None = None, batch: int = 8, parity_batch: int = 2) -> dict:
+    import numpy as np
+    import onnx
+
+    import lrponnx
+
+    size = input_size(arch, size)
+    row = {"arch": arch, "exporter": exporter, "size": size}
+    path, info = export(arch, exporter, size)
+    row["dynamic_batch"] = info.get("dynamic_batch")
+    if path is None:
+        row["status"] = "export fails"
+        row["why"] = info.get("error", "?")
+        return row
+    model = onnx.load(str(path))
+    t0 = time.perf_counter()
+    try:
+        explainer = lrponnx.convert(model)
+    except Exception as e:  # noqa: BLE001 - the table records every refusal
+        row["status"] = "refused"
+        row["why"] = _refusal(e)
+        if not isinstance(e, lrponnx.LrpOnnxError):
+            row["why"] = "BUG " + row["why"] + " | " + traceback.format_exc().strip().splitlines()[-1][:200]
+        return row
+    row["convert_s"] = round(time.perf_counter() - t0, 1)
+    row["status"] = "converts"
+    rng = np.random.default_rng(0)
+    n = parity_batch if row["dynamic_batch"] else 1
+    x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+    plain = _session(model, threads)
+    ref = plain.run(None, {"input": x})[0]
+    sess = _session(explainer, threads)
+    out, rel = sess.run(["logits", "relevance"], {"input": x, "target": np.full([n], -1, np.int64)})
+    scale = float(np.abs(ref).max())
+    row["out_err"] = float(np.abs(out - ref).max() / scale)
+    row["finite"] = bool(np.isfinite(rel).all())
+    picked = out.reshape(n, -1)[np.arange(n), out.reshape(n, -1).argmax(1)]
+    row["sum_over_logit"] = [float(v) for v in rel.reshape(n, -1).astype(np.float64).sum(1) / picked]
+    if parity:
+        model64 = make_model(arch).double().eval()
+        canonizers, why = zennit_setup(arch, model64)
+        if canonizers is None:
+            row["parity"] = why
+        else:
+            target = out.reshape(n, -1).argmax(1).astype(np.int64)
+            z_out, z_rel = zennit_relevance(model64, canonizers, x, target)
+            row["zennit_out_err"] = float(np.abs(z_out - ref).max() / scale)
+            a, b = rel.reshape(n, -1).astype(np.float64), z_rel.reshape(n, -1)
+            row["parity"] = float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())
+    if timing:
+        if row["dynamic_batch"]:
+            xb = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+            t_fwd = _median_time(lambda: plain.run(None, {"input": xb}))
+            t_exp = _median_time(lambda: sess.run(None, {"input": xb, "target": np.full([batch], -1, np.int64)}))
+        else:  # a fixed batch of 1: batch 8 as 8 runs
+            x1 = x[:1]
+            t_fwd = _median_time(lambda: [plain.run(None, {"input": x1}) for _ in range(batch)])
+            t_exp = _median_time(lambda: [sess.run(None, {"input": x1, "target": np.full([1], -1, np.int64)})
+                                          for _ in range(batch)])
+        row["forward_s"], row["explainer_s"] = round(t_fwd, 3), round(t_exp, 3)
+        row["ratio"] = round(t_exp / t_fwd, 2)
+    return row
+
+
+# -- the table ----------------------------------------------------------------------------------------------------
+
+RESULTS = WORK / "results.json"
+
+
+def run_table(archs, exporters, timing=True, threads=2) -> int:
+    import torch
+
+    torch.set_num_threads(threads)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for arch in archs:
+        for exporter in exporters:
+            t0 = time.perf_counter()
+            try:
+                row = evaluate(arch, exporter, timing=timing, threads=threads)
+            except Exception as e:  # noqa: BLE001
+                row = {"arch": arch, "exporter": exporter, "status": "error",
+                       "why": f"BUG {type(e).__name__}: {str(e)[:300]}"}
+                traceback.print_exc()
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            results[f"{arch}/{exporter}"] = row
+            print(json.dumps(row), flush=True)
+            RESULTS.write_text(json.dumps(results, indent=1))
+    write_doc(results)
+    return 0
+
+
+def _fmt_row(r: dict | None) -> tuple[str, str, str, str]:
+    if r is None:
+        return "-", "", "", ""
+    if r["status"] != "converts":
+        return f"**{r['status']}**", "", "", r.get("why", "")
+    ok = r["finite"] and r["out_err"] <= 1e-5
+    conv = "yes" if ok else f"yes, **outputs differ {r['out_err']:.1e}**" if r["finite"] else "yes, **non-finite**"
+    par = r.get("parity")
+    if isinstance(par, float):
+        par = f"{par:.1e}" + ("" if par <= TOL else " **(> 1e-4)**")
+    ratio = r.get("ratio")
+    ratio = "" if ratio is None else (f"{ratio:.2f}" if ratio <= 3.5 else f"**{ratio:.2f}**")
+    return conv, par or "", ratio, ""
+
+
+def write_doc(results: dict) -> None:
+    import onnxruntime
+    import torch
+
+    lines = [
+        "# Coverage: torchvision classifiers from both PyTorch exporters",
+        "",
+        "Generated by `python bench/coverage.py` (do not edit by hand). Random weights "
+        "(`torch.manual_seed(0)`, BatchNorm statistics jittered), eval mode, input 1x3x224x224 "
+        "(inception_v3: 299), dynamic batch where the exporter allows; TorchScript = "
+        "`torch.onnx.export(..., dynamo=False, opset_version=17)`, dynamo = the default exporter. "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}.",
+        "",
+        "- **converts**: `lrponnx.convert` with the default composite (`epsilon-plus-flat`); the explainer's "
+        "outputs equal ONNX Runtime's on the plain model (max |difference| / max |logit| <= 1e-5) and the "
+        "relevance is finite (batch 2, standard normal input).",
+        "- **parity**: max relative L2 error per sample vs Zennit 0.5.1 (`EpsilonPlusFlat`, float64, "
+        "seed = logit) with canonizers that make Zennit apply lrponnx's rules: exact BatchNorm merge, "
+        "`Sum` for residual adds (Zennit's ResNet canonizers; our own for MobileNetV2/MnasNet), functional "
+        "global average pools replaced by `AdaptiveAvgPool2d` modules. n/a: Zennit applies other rules.",
+        "- **ratio**: explainer / forward time at batch 8, ONNX Runtime CPU, 2 threads, median of 3 runs "
+        "(a fixed-batch export runs 8 times batch 1).",
+        "- **sum/logit**: input relevance sum / target logit; epsilon-plus-flat does not conserve "
+        "(biases, the flat first layer), so this is reported, not judged.",
+        "",
+        "| architecture | exporter | converts | parity | ratio | sum/logit | why refused |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arch in ARCHS:
+        for exporter in EXPORTERS:
+            r = results.get(f"{arch}/{exporter}")
+            conv, par, ratio, why = _fmt_row(r)
+            sl = ""
+            if r and r.get("sum_over_logit"):
+                sl = "/".join(f"{v:.2f}" for v in r["sum_over_logit"])
+            why = why.replace("|", "\\|")
+            lines.append(f"| {arch} | {exporter} | {conv} | {par} | {ratio} | {sl} | {why} |")
+    done = [r for r in results.values() if r.get("status") == "converts"]
+    lines += ["", f"{len(done)} of {len(ARCHS) * len(EXPORTERS)} (architecture, exporter) pairs convert."]
+    blockers: dict = {}
+    for r in results.values():
+        if r.get("status") == "refused":
+            for part in r["why"].split("; "):
+                op = part.split(" x", 1)[0]
+                blockers.setdefault(op, set()).add(f"{r['arch']} ({r['exporter']})")
+    if blockers:
+        lines += ["", "## What still blocks", "", "| op | blocks |", "|---|---|"]
+        for op, where in sorted(blockers.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"| {op} | {', '.join(sorted(where))} |")
+    slow = [r for r in done if (r.get("ratio") or 0) > 3.5]
+    if slow:
+        lines += ["", "## Above the 3.5 speed target", ""]
+        lines += [f"- {r['arch']} ({r['exporter']}): {r['ratio']:.2f} (forward {r['forward_s']} s, explainer "
+                  f"{r['explainer_s']} s)" for r in slow]
+    DOC.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--exporters", default=",".join(EXPORTERS))
+    p.add_argument("--export-only", action="store_true")
+    p.add_argument("--no-time", action="store_true", help="skip the timing (ratio column)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    archs = [s for s in a.archs.split(",") if s]
+    exporters = [s for s in a.exporters.split(",") if s]
+    if a.export_only:
+        for arch in archs:
+            model = None
+            for exporter in exporters:
+                if not onnx_path(arch, exporter, input_size(arch)).with_suffix(".json").exists() and model is None:
+                    model = make_model(arch)
+                path, info = export(arch, exporter, model=model)
+                print(json.dumps(info), flush=True)
+        return 0
+    return run_table(archs, exporters, timing=not a.no_time, threads=a.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
