@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from docs_block import replace_block  # noqa: E402
 from js_harness import missing, run  # noqa: E402
-from runtime_cases import (COMPOSITES, MODELS, build_case, has_target_runtime, model_path, rel_l2,  # noqa: E402
+from runtime_cases import (CASES, MODELS, build_case, has_target_runtime, model_path, rel_l2,  # noqa: E402
                            session)
 
 DOCS = HERE.parent / "docs" / "runtimes.md"
@@ -59,7 +59,7 @@ def measure(models, runtimes, repeat: int, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="lrponnx-runtimes-") as tmp:
         for model in models:
             src = model_path(model, Path(tmp), shared_data)
-            for composite in COMPOSITES:
+            for composite in [c for m, c in CASES if m == model]:
                 cases = {"any": build_case(model, composite, src, Path(tmp))}
                 row = {"model": model, "composite": composite, "batch": len(cases["any"].feeds["target"]),
                        "spread": cases["any"].spread, "python_ms": python_ms(cases["any"], 1, repeat)}

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import shared_data_path
 from js_harness import missing, run
-from runtime_cases import COMPOSITES, MODELS, build_case, has_target_runtime, model_path, rel_l2
+from runtime_cases import CASES, build_case, has_target_runtime, model_path, rel_l2
 
 RUNTIMES = ("node", "wasm", "webgpu")
 # GoogLeNet on SwiftShader's WebGPU takes 2.5 to 3.5 minutes a case on a 2-core machine (measured:
@@ -27,7 +27,7 @@ SLOW_WEBGPU = {"bvlc-googlenet"}
 # provider's error (part B of issue 15 makes them runnable and removes the entries). An error
 # other than the one listed fails the test; a listed case that runs is checked like the others.
 _INDICES = "The Indices output is not supported yet"  # MaxPool's winner-take-all without --target-runtime webgpu
-WEBGPU_PENDING: dict[tuple[str, str], str] = {(m, c): _INDICES for m in MODELS for c in COMPOSITES}
+WEBGPU_PENDING: dict[tuple[str, str], str] = {case: _INDICES for case in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,7 @@ def case_for(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("composite", COMPOSITES)
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model, composite", CASES)
 def test_fed_target_changes_the_relevance(model, composite, case_for):
     """The cases can catch an ignored target: in Python the fed (non-argmax) target's relevance
     differs from the argmax's, and the logits say the fed class is not the argmax."""
@@ -61,8 +60,7 @@ def test_fed_target_changes_the_relevance(model, composite, case_for):
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("composite", COMPOSITES)
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model, composite", CASES)
 def test_runtime_matches_python(model, composite, runtime, case_for):
     why = missing(runtime)
     if why:
@@ -80,7 +78,7 @@ def test_runtime_matches_python(model, composite, runtime, case_for):
     err = rel_l2(res.outputs["relevance"], case.reference["relevance"])
     out = next(iter(case.reference))
     logit_err = rel_l2(res.outputs[out], case.reference[out])
-    print(f"\n{runtime:6s} {model:18s} {composite:17s} forms={target_runtime}: relevance rel. L2 {err:.2e} "
+    print(f"\n{runtime:6s} {model:18s} {composite:32s} forms={target_runtime}: relevance rel. L2 {err:.2e} "
           f"(tolerance {case.tolerance:.1e}; Python ORT spread {case.spread:.2e}), output rel. L2 {logit_err:.1e}, "
           f"{res.ms:.0f} ms (first run, batch {len(case.feeds['target'])})")
     assert err <= case.tolerance, (f"{runtime}: relevance differs from Python ORT by {err:.3e} "
