@@ -211,9 +211,9 @@ def _wta_without_indices(ctx: Ctx, unit: Unit, R: str) -> str:
             raise Unsupported("winner-take-all without Indices needs static channel and spatial sizes")
         P = int(np.prod(xs[2:]))
         flat = g.op("Reshape", x, g.ints([0, xs[1], P]), hint="wta_plane")
-        first = g.op("ArgMax", flat, axis=2, keepdims=1, select_last_index=0, hint="wta_argmax")
-        hit = g.op("Cast", g.op("Equal", first, g.const(np.arange(P).reshape(1, 1, P), dtype=np.int64)),
-                   to=TensorProto.FLOAT, hint="wta_mask")
+        first = _as_float(g, g.op("ArgMax", flat, axis=2, keepdims=1, select_last_index=0, hint="wta_argmax"))
+        hit = g.op("Cast", g.op("Equal", first, g.const(np.arange(P).reshape(1, 1, P))), to=TensorProto.FLOAT,
+                   hint="wta_mask")
         placed = g.op("Mul", hit, g.op("Reshape", R, g.ints([0, xs[1], 1])), hint="wta_place")
         return g.op("Reshape", placed, g.op("Shape", x), hint="r_maxpool")
     w = _window(ctx, unit)
@@ -229,12 +229,19 @@ def _wta_without_indices(ctx: Ctx, unit: Unit, R: str) -> str:
     if outside.any():
         entries = g.op("Add", entries, g.const(np.where(outside, -np.inf, 0.0).astype(np.float32),
                                                hint="wta_padding"), hint="wta_windows_masked")
-    first = g.op("ArgMax", entries, axis=2, keepdims=1, select_last_index=0, hint="wta_argmax")
-    hit = g.op("Cast", g.op("Equal", first, g.const(np.arange(K).reshape([1, 1, K] + [1] * n), dtype=np.int64)),
-               to=TensorProto.FLOAT, hint="wta_mask")
+    first = _as_float(g, g.op("ArgMax", entries, axis=2, keepdims=1, select_last_index=0, hint="wta_argmax"))
+    hit = g.op("Cast", g.op("Equal", first, g.const(np.arange(K).reshape([1, 1, K] + [1] * n))), to=TensorProto.FLOAT,
+               hint="wta_mask")
     placed = g.op("Mul", hit, g.op("Unsqueeze", R, g.ints([2])), hint="wta_place")  # [N, C, K, *ys]
     placed = g.op("Reshape", placed, g.ints([0, C * K] + ys[2:]))
     return g.op("ConvTranspose", placed, onehot, output_padding=w["output_padding"], hint="r_maxpool", **geometry)
+
+
+def _as_float(g, index: str) -> str:
+    """ArgMax's int64 as float32 (exact below 2^24), so the compare with the window positions runs
+    on the WebGPU provider, whose Equal takes no int64 (it falls back to the CPU, and the mask with
+    it)."""
+    return g.op("Cast", index, to=TensorProto.FLOAT, hint="wta_argmax_f")
 
 
 def _outside(w: dict) -> np.ndarray:
