@@ -1060,7 +1060,10 @@ def test_unsupported_layers_are_listed_all_at_once():
     offenders = {o.node: o for o in ei.value.offenders}
     assert set(offenders) == {"py", "crop", "roi", "stoch"}
     assert offenders["roi"].op_type == "ROIPooling" and "STOCHASTIC" in offenders["stoch"].why
-    assert "4 node(s)" in str(ei.value)
+    assert "crop_param.offsets (line 6)" in offenders["crop"].why  # a misspelt field, refused by name
+    msg = str(ei.value)
+    assert msg.startswith("4 Caffe layer(s) cannot be converted: layer 'py' (Python): ") and "\n" not in msg
+    assert "layer 'crop' (Crop): unknown field crop_param.offsets (line 6)" in msg
 
 
 def _tiny(tmp_path, body: str, name="net.prototxt") -> Path:

@@ -25,12 +25,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lrponnx.errors import InvalidModelError, Offender, UnsupportedModelError
+from lrponnx.errors import InvalidModelError, LrpOnnxError, Offender, UnsupportedModelError
 from lrponnx.lrn_ops import ensure_lrn_function, make_within_channel_lrn
 
 from . import proto as cpb
 
-__all__ = ["convert", "CaffeConversionWarning", "PREPROCESSING_KEY", "WEIGHTS_KEY"]
+__all__ = ["convert", "CaffeConversionWarning", "CaffeLayerError", "PREPROCESSING_KEY", "WEIGHTS_KEY",
+           "random_caffemodel"]
 
 PREPROCESSING_KEY = "lrponnx.preprocessing"
 WEIGHTS_KEY = "lrponnx.weights"
@@ -41,6 +42,17 @@ MAX_PARAMS = (2**31 - 2**26) // 4  # float32 parameters that fit one ONNX file (
 
 class CaffeConversionWarning(UserWarning):
     """Something was skipped or guessed during a Caffe conversion (the model is still produced)."""
+
+
+class CaffeLayerError(UnsupportedModelError):
+    """Layers the converter cannot convert, all of them, in Caffe's words and on one line:
+    ``2 Caffe layer(s) cannot be converted: layer 'pool1' (Pooling): ...; layer 'x' (Foo): ...``.
+    ``offenders`` keeps them as :class:`~lrponnx.errors.Offender` (layer name, type, why)."""
+
+    def __init__(self, offenders: list[Offender]):
+        self.offenders = list(offenders)
+        parts = [f"layer {_shorten(o.node)!r} ({_shorten(o.op_type)}): {o.why}" for o in self.offenders]
+        LrpOnnxError.__init__(self, f"{len(parts)} Caffe layer(s) cannot be converted: " + "; ".join(parts))
 
 
 def _warn(msg: str) -> None:
@@ -88,6 +100,7 @@ class _Layer:
     bottoms: list[str]
     tops: list[str]
     msg: object
+    entry: int = -1  # position in net.layer / net.layers (what UnknownField.index refers to)
 
     def has(self, fld: str) -> bool:
         try:
@@ -106,7 +119,7 @@ class _Layer:
         return InvalidModelError(f"layer {_shorten(self.name)!r} ({self.type}): {why}")
 
     def unsupported(self, why: str) -> UnsupportedModelError:
-        return UnsupportedModelError([Offender(self.name, self.type, why)])
+        return CaffeLayerError([Offender(self.name, self.type, why)])
 
 
 @dataclass
@@ -159,12 +172,20 @@ def _decode_prototxt(raw: bytes, name: str) -> str:
 
 
 def load_prototxt(path: str | os.PathLike):
-    """The NetParameter of a text prototxt; InvalidModelError (one line) when it is not one."""
+    """The NetParameter of a text prototxt; InvalidModelError (one line) when it is not one.
+
+    Fields the schema does not know are skipped here; :func:`convert` refuses those of the
+    layers it converts (see :func:`_load_prototxt_checked`)."""
+    return _load_prototxt_checked(path)[0]
+
+
+def _load_prototxt_checked(path: str | os.PathLike):
+    """``(net, unknown fields)`` of a text prototxt (:func:`proto.parse_prototxt_checked`)."""
     raw = _read_bytes(path, "prototxt")
     name = Path(path).name
     text = _decode_prototxt(raw, name)
     try:
-        net = cpb.parse_prototxt(text)
+        net, unknown = cpb.parse_prototxt_checked(text)
     except cpb.ProtoError as e:
         msg = " ".join(str(e).split())
         raise InvalidModelError(f"{name} is not a valid Caffe prototxt: {msg}") from None
@@ -172,11 +193,34 @@ def load_prototxt(path: str | os.PathLike):
         raise InvalidModelError(f"{name} is not a Caffe net definition: it has no layer {{}} or layers {{}} entries")
     if len(net.layer) and len(net.layers):
         raise InvalidModelError(f"{name} mixes V2 'layer' and V1 'layers' entries; Caffe refuses that too")
-    return net
+    return net, unknown
+
+
+#: BlobProto fields protobuf may keep aside that carry no forward-pass values: diff (6), double_diff (9).
+_BLOB_GRADIENT_FIELDS = {6, 9}
+_RAW_DTYPES = {0: np.dtype("<f8"), 1: np.dtype("<f4"), 2: np.dtype("<f2")}  # NVIDIA Caffe's Type enum
 
 
 def _blob_from_proto(bp, where: str) -> _Blob:
-    if len(bp.data):
+    odd = [n for n in cpb.unknown_field_numbers(bp) if n not in _BLOB_GRADIENT_FIELDS]
+    if odd:
+        raise InvalidModelError(f"{where} has field number(s) {', '.join(map(str, odd))} that Caffe's BlobProto does "
+                                "not define (a fork's storage?); refused rather than ignored")
+    if bp.HasField("raw_data"):
+        if len(bp.data) or len(bp.double_data):
+            raise InvalidModelError(f"{where} holds both raw_data and data/double_data")
+        if bp.raw_data_type not in _RAW_DTYPES:
+            tname = cpb.BlobProto.DESCRIPTOR.fields_by_name["raw_data_type"].enum_type.values_by_number.get(
+                bp.raw_data_type)
+            raise InvalidModelError(f"{where}: raw_data of type {tname.name if tname else bp.raw_data_type} is not "
+                                    "supported (FLOAT, FLOAT16 and DOUBLE are)")
+        dt = _RAW_DTYPES[bp.raw_data_type]
+        if len(bp.raw_data) % dt.itemsize:
+            raise InvalidModelError(f"{where}: raw_data has {len(bp.raw_data)} bytes, not a whole number of "
+                                    f"{dt.itemsize}-byte values")
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.frombuffer(bp.raw_data, dtype=dt).astype(np.float32)
+    elif len(bp.data):
         data = np.array(bp.data, dtype=np.float32)
     elif len(bp.double_data):
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: caught later
@@ -222,12 +266,17 @@ def parse_caffemodel(raw: bytes, name: str = "caffemodel") -> dict[str, list[_Bl
     entries = list(net.layer) + list(net.layers)
     if not entries:
         raise InvalidModelError(f"{name} is not a Caffe .caffemodel: it holds no layers")
+    if len(net.layers) and not any(lp.name for lp in net.layers) and 1 in cpb.unknown_field_numbers(net.layers[0]):
+        raise InvalidModelError(f"{name} is a V0-format caffemodel (layers {{ layer {{...}} }}); upgrade it with "
+                                "Caffe's upgrade_net_proto_binary first")
     out: dict[str, list[_Blob]] = {}
     for i, lp in enumerate(entries):
         lname = _text(lp.name)
         if not lname:
             continue
-        blobs = [_blob_from_proto(b, f"{name}: layer {_shorten(lname)!r} blob {j}") for j, b in enumerate(lp.blobs)]
+        ltype = _text(lp.type) if isinstance(lp.type, (str, bytes)) else cpb.V1_TYPE_NAMES.get(lp.type, "")
+        where = f"{name}: layer {_shorten(lname)!r}" + (f" ({_shorten(ltype)})" if ltype else "")
+        blobs = [_blob_from_proto(b, f"{where} blob {j}") for j, b in enumerate(lp.blobs)]
         # Caffe copies from the first source layer with a given name; later duplicates are ignored.
         out.setdefault(lname, blobs)
     if not out:
@@ -313,7 +362,7 @@ def _layers_of(net) -> list[_Layer]:
             ltype = lp.type
             if not ltype:
                 raise InvalidModelError(f"layer #{i} ({lp.name or 'unnamed'}) has no type")
-        out.append(_Layer(len(out), lp.name or f"layer{i}", ltype, list(lp.bottom), list(lp.top), lp))
+        out.append(_Layer(len(out), lp.name or f"layer{i}", ltype, list(lp.bottom), list(lp.top), lp, i))
     return out
 
 
@@ -592,6 +641,17 @@ def _pool_pair(layer: _Layer, p, field: str) -> tuple[int, int]:
     return value, value
 
 
+def _pool_floor(layer: _Layer, p) -> bool:
+    """Whether the output size rounds down: BVLC's ``round_mode: FLOOR`` or the forks'
+    ``ceil_mode: false`` (OpenCV's caffe.proto, BVLC PR #3057). Both default to ceil."""
+    by_round = p.HasField("round_mode") and p.round_mode == 1
+    by_ceil = p.HasField("ceil_mode") and not p.ceil_mode
+    if p.HasField("round_mode") and p.HasField("ceil_mode") and by_round != by_ceil:
+        raise layer.err(f"round_mode: {'FLOOR' if by_round else 'CEIL'} and ceil_mode: "
+                        f"{'true' if p.ceil_mode else 'false'} contradict each other")
+    return by_round or by_ceil
+
+
 def _pool_geometry(layer: _Layer, s: list[int]) -> dict:
     p = layer.param("pooling_param")
     if len(s) != 4:
@@ -618,9 +678,11 @@ def _pool_geometry(layer: _Layer, s: list[int]) -> dict:
     if (ph or pw) and (ph >= kh or pw >= kw):
         raise layer.err(f"pad ({ph}, {pw}) must be smaller than the kernel ({kh}, {kw})")
 
+    floor = _pool_floor(layer, p)
+
     def out_size(n: int, k: int, pad: int, st: int) -> int:
         q = (n + 2 * pad - k) / st
-        o = (math.floor(q) if p.round_mode == 1 else math.ceil(q)) + 1
+        o = (math.floor(q) if floor else math.ceil(q)) + 1
         return int(o)
 
     ho, wo = out_size(H, kh, ph, sh), out_size(W, kw, pw, sw)
@@ -800,6 +862,82 @@ def _h_eltwise(c: _Ctx) -> list[list[int]]:
     return [list(s0)]
 
 
+def _h_crop(c: _Ctx) -> list[list[int]]:
+    """Caffe's CropLayer: bottom 0 cut to bottom 1's shape on ``axis`` and every later axis, starting
+    at ``offset`` (none: 0; one: for all those axes; else one per axis). Bottom 1 gives only a shape."""
+    p = c.layer.param("crop_param")
+    s, ref = c.shapes
+    nd = len(s)
+    if len(ref) != nd:
+        raise c.layer.err(f"bottom 1 (the reference) has {len(ref)} axes, bottom 0 has {nd}")
+    axis = _canon_axis(p.axis, nd, c.layer)
+    offs = [int(v) for v in p.offset]
+    n_crop = nd - axis
+    if len(offs) not in (0, 1, n_crop):
+        raise c.layer.err(f"offset must be given once or once per cropped axis ({n_crop}), got {len(offs)}")
+    out = list(s)
+    starts: list[int] = []
+    ends: list[int] = []
+    axes: list[int] = []
+    for i in range(axis, nd):
+        o = 0 if not offs else offs[0] if len(offs) == 1 else offs[i - axis]
+        size = ref[i]
+        if o + size > s[i]:
+            raise c.layer.err(f"axis {i}: offset {o} + the reference's size {size} exceed bottom 0's size {s[i]} "
+                              f"(bottom 0 {s}, bottom 1 {ref})")
+        out[i] = size
+        if o == 0 and size == s[i]:
+            continue
+        if i == 0 and not c.g.fixed_batch:
+            raise c.layer.unsupported("crops the batch axis; give --input-shape with a fixed batch")
+        starts.append(o)
+        ends.append(o + size)
+        axes.append(i)
+    if not axes:
+        c.g.node("Identity", [c.xs[0]], [c.outs[0]], c.name)
+        return [out]
+    c.g.node("Slice", [c.xs[0], c.g.const(f"{c.name}.starts", np.array(starts), np.int64),
+                       c.g.const(f"{c.name}.ends", np.array(ends), np.int64),
+                       c.g.const(f"{c.name}.axes", np.array(axes), np.int64)], [c.outs[0]], c.name)
+    return [out]
+
+
+def _h_slice(c: _Ctx) -> list[list[int]]:
+    """Caffe's SliceLayer: bottom cut along ``axis`` (or the deprecated ``slice_dim``) at the
+    ``slice_point``s, or into equal parts, one per top."""
+    p = c.layer.param("slice_param")
+    s = c.shapes[0]
+    if p.HasField("axis") and p.HasField("slice_dim"):
+        raise c.layer.err("either axis or slice_dim may be given, not both")
+    axis = _canon_axis(int(p.slice_dim) if p.HasField("slice_dim") else int(p.axis), len(s), c.layer)
+    n, dim = len(c.outs), s[axis]
+    points = [int(v) for v in p.slice_point]
+    if points:
+        if len(points) != n - 1:
+            raise c.layer.err(f"{len(points)} slice_point(s) for {n} tops; Caffe needs one fewer than the tops")
+        bounds = [0] + points + [dim]
+        if any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise c.layer.err(f"slice_points {points} must increase strictly within (0, {dim}) on axis {axis}")
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    else:
+        if dim % n:
+            raise c.layer.err(f"axis {axis} of size {dim} does not split into {n} equal parts (one per top)")
+        sizes = [dim // n] * n
+    outs = []
+    for size in sizes:
+        o = list(s)
+        o[axis] = size
+        outs.append(o)
+    if n == 1:
+        c.g.node("Identity", [c.xs[0]], [c.outs[0]], c.name)
+        return outs
+    if axis == 0 and not c.g.fixed_batch:
+        raise c.layer.unsupported("slices the batch axis; give --input-shape with a fixed batch")
+    c.g.node("Split", [c.xs[0], c.g.const(f"{c.name}.split", np.array(sizes), np.int64)], list(c.outs), c.name,
+             axis=axis)
+    return outs
+
+
 def _h_flatten(c: _Ctx) -> list[list[int]]:
     p = c.layer.param("flatten_param")
     s = c.shapes[0]
@@ -966,6 +1104,7 @@ HANDLERS = {
     "Dropout": _h_dropout,
     "Softmax": _h_softmax,
     "Concat": _h_concat,
+    "Crop": _h_crop,
     "Eltwise": _h_eltwise,
     "Flatten": _h_flatten,
     "Reshape": _h_reshape,
@@ -973,11 +1112,12 @@ HANDLERS = {
     "Scale": _h_scale_bias,
     "Bias": _h_scale_bias,
     "Power": _h_power,
+    "Slice": _h_slice,
 }
 SUPPORTED_TYPES = sorted(set(HANDLERS) | {"Input", "Split"})
 ONE_BOTTOM = {"Convolution", "Deconvolution", "InnerProduct", "Pooling", "LRN", "ReLU", "PReLU", "ELU",
               "Sigmoid", "TanH", "AbsVal", "BNLL", "Dropout", "Softmax", "Flatten", "Reshape", "BatchNorm",
-              "Power", "Split"}
+              "Power", "Split", "Slice"}
 
 
 def _static_check(layer: _Layer) -> str | None:
@@ -989,7 +1129,14 @@ def _static_check(layer: _Layer) -> str | None:
         return f"expects one or two bottoms, has {len(layer.bottoms)}"
     if t in ("Concat", "Eltwise") and not layer.bottoms:
         return "has no bottom"
-    if t != "Split" and t != "Input" and len(layer.tops) != 1:
+    if len(set(layer.tops)) != len(layer.tops):
+        return "names the same top twice"
+    if t == "Crop" and len(layer.bottoms) != 2:
+        return f"expects two bottoms (the blob to crop and the reference), has {len(layer.bottoms)}"
+    if t in ("Split", "Slice"):
+        if not layer.tops:
+            return "has no top"
+    elif t != "Input" and len(layer.tops) != 1:
         return f"expects exactly one top, has {len(layer.tops)}"
     if t == "Pooling" and layer.param("pooling_param").pool == 2:
         return "STOCHASTIC pooling (its test-time output is a probability-weighted average)"
@@ -1152,12 +1299,34 @@ def _preprocessing(input_name: str, shape: list[int], mean, mean_file, scale: fl
     return meta, mean_arr
 
 
+# --------------------------------------------------------------------------- unknown fields
+
+def _unknown_list(fields: list[cpb.UnknownField], limit: int = 8) -> str:
+    items = [f"{_shorten(u.path)} (line {u.line})" for u in fields[:limit]]
+    if len(fields) > limit:
+        items.append(f"and {len(fields) - limit} more")
+    return ", ".join(items)
+
+
+def _unknown_offender(L: _Layer, fields: list[cpb.UnknownField]) -> Offender:
+    return Offender(L.name, L.type, f"unknown field{'s' if len(fields) > 1 else ''} {_unknown_list(fields)}: not in "
+                                    "Caffe's caffe.proto nor a fork field lrponnx honours; refused rather than ignored")
+
+
+def _refuse_unknown_net_fields(net, unknown: list[cpb.UnknownField], name: str) -> None:
+    """Fields outside any layer entry that the schema does not know: refused, all at once."""
+    top = [u for u in unknown if u.entry is None]
+    if top:
+        raise InvalidModelError(f"{name}: unknown net-level field{'s' if len(top) > 1 else ''} {_unknown_list(top)}: "
+                                "not in Caffe's NetParameter; refused rather than ignored")
+
+
 # --------------------------------------------------------------------------- convert
 
 def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None, *, mean=None,
             mean_file: str | os.PathLike | None = None, scale: float = 1.0, channel_order: str | None = None,
             input_shape=None, opset: int = 17, random_weights: int | None = None,
-            embed_preprocessing: bool = False) -> onnx.ModelProto:
+            embed_preprocessing: bool = False, _blobs_out: dict | None = None) -> onnx.ModelProto:
     """Convert a Caffe net to an ONNX model (see ``docs/caffe.md``).
 
     ``caffemodel`` holds the trained weights; without it, ``random_weights`` (a seed) builds
@@ -1170,8 +1339,13 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
     if caffemodel is None and random_weights is None:
         raise InvalidModelError("no weights: give a .caffemodel, or --random-weights SEED for an untrained model")
 
-    net = load_prototxt(prototxt)
+    net, unknown = _load_prototxt_checked(prototxt)
     layers = _layers_of(net)
+    _refuse_unknown_net_fields(net, unknown, Path(prototxt).name)
+    unknown_by_entry: dict[int, list[cpb.UnknownField]] = {}
+    for u in unknown:
+        if u.entry is not None:
+            unknown_by_entry.setdefault(u.index, []).append(u)
 
     # ---- inputs
     inputs: list[tuple[str, list[int]]] = []
@@ -1231,12 +1405,16 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
     work: list[_Layer] = []
     for L in layers:
         if L.type == "Input":
+            if L.entry in unknown_by_entry:
+                offenders.append(_unknown_offender(L, unknown_by_entry[L.entry]))
             continue
         if _is_data_layer(L):
             if L.name != data_layer_input:
                 _warn(f"skipping data layer {_shorten(L.name)!r} ({L.type})")
             else:
-                _warn(f"data layer {_shorten(L.name)!r} ({L.type}): its top {L.tops[0]!r} becomes the graph input")
+                _warn(f"data layer {_shorten(L.name)!r} ({L.type}): its top {L.tops[0]!r} becomes the graph input; "
+                      "its transform_param (mean, scale, crop, mirror) is not applied: give --mean/--mean-file/"
+                      "--scale and the input size")
             continue
         if L.type == "Silence":
             work.append(L)  # consumes its bottoms, emits nothing
@@ -1247,13 +1425,16 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
         if L.type not in HANDLERS and L.type not in ALIAS_LAYERS:
             offenders.append(Offender(L.name, L.type, f"no ONNX conversion for Caffe layer type {L.type!r}"))
             continue
+        if L.entry in unknown_by_entry:
+            offenders.append(_unknown_offender(L, unknown_by_entry[L.entry]))
+            continue
         why = _static_check(L)
         if why:
             offenders.append(Offender(L.name, L.type, why))
             continue
         work.append(L)
     if offenders:
-        raise UnsupportedModelError(offenders)
+        raise CaffeLayerError(offenders)
 
     names = [L.name for L in work if L.type != "Silence"]
     if len(set(names)) != len(names):
@@ -1378,6 +1559,8 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
                         if not np.all(np.isfinite(blob.data)):
                             raise M.err(f"blob {j} ({role}) in the caffemodel contains NaN or infinite values")
                         arrs.append(blob.data.reshape([int(d) for d in shp]))
+            if _blobs_out is not None:
+                _blobs_out[M.name] = (M.type, arrs)
             got.append(arrs)
         extra = {"fold_scale": got[1], "fold_name": st.scale.name} if st.scale is not None else {}
         outs = []
@@ -1434,3 +1617,35 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise InvalidModelError(f"the converted model fails ONNX's checker: {' '.join(str(e).split())[:500]}") from None
     return model
+
+
+# --------------------------------------------------------------------------- writing weights
+
+def _blob_bytes(a: np.ndarray) -> bytes:
+    """A BlobProto (shape + packed float data) as bytes, without a Python float per value."""
+    bp = cpb.BlobProto()
+    bp.shape.dim.extend(int(d) for d in a.shape)
+    raw = np.ascontiguousarray(a, dtype="<f4").tobytes()
+    n, size = [], len(raw)
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        n.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    return bp.SerializeToString() + bytes([5 << 3 | 2]) + bytes(n) + raw
+
+
+def random_caffemodel(prototxt: str | os.PathLike, seed: int, *, input_shape=None) -> bytes:
+    """The bytes of a binary ``.caffemodel`` (a V2 ``layer`` entry for each converted layer: name,
+    type and its shaped float blobs, if any) holding exactly the weights ``convert(prototxt, random_weights=seed)`` builds, in Caffe's own
+    layout (BatchNorm's three blobs, the Scale layer after it separately). Caffe, OpenCV's dnn
+    module or this converter can load it: converting with it equals converting with the seed."""
+    blobs: dict[str, tuple[str, list[np.ndarray]]] = {}
+    convert(prototxt, random_weights=seed, input_shape=input_shape, _blobs_out=blobs)
+    net = cpb.NetParameter(name=Path(prototxt).stem)
+    for lname, (ltype, arrs) in blobs.items():
+        lp = net.layer.add(name=lname, type=ltype)
+        for a in arrs:
+            lp.blobs.add().ParseFromString(_blob_bytes(a))
+    return net.SerializeToString()
