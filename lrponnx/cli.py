@@ -39,13 +39,16 @@ def add_rule_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explain-output", default=None, metavar="NAME",
                    help="the model output whose class scores are explained (the input of a final Softmax is "
                         "taken); default: the only output, or the only one made by a Softmax")
+    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
+                   help="fix the model's input shape (N or ? keeps a dim symbolic; NAME:DIMS;NAME:DIMS for "
+                        "several inputs) when its sizes are symbolic and the rules need them static")
 
 
 def rule_kwargs(args) -> dict:
     return dict(composite=args.composite, epsilon=args.epsilon, gamma=args.gamma, low=args.low, high=args.high,
                 rules=args.rule, lrn_rule=args.lrn_rule, lrn_epsilon=args.lrn_epsilon,
                 lrn_denominator=args.lrn_denominator, seed=args.seed, target_runtime=args.target_runtime,
-                output=args.explain_output)
+                output=args.explain_output, input_shape=args.input_shape)
 
 
 # -- subcommands ---------------------------------------------------------------------------------

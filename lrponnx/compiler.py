@@ -135,10 +135,11 @@ def check_float32(view: ModelView) -> None:
 
 def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
          low=None, high=None, rules=(), lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6,
-         lrn_denominator: str = "sum", lazy_weights: bool = False, output: str | None = None) -> Plan:
+         lrn_denominator: str = "sum", lazy_weights: bool = False, output: str | None = None,
+         input_shape=None) -> Plan:
     """Prepare the model and assign rules, without emitting anything (``lrponnx inspect``).
-    ``lazy_weights``, ``output``: see :func:`convert`."""
-    model = prepare(model, lazy_weights)
+    ``lazy_weights``, ``output``, ``input_shape``: see :func:`convert`."""
+    model = prepare(model, lazy_weights, input_shape)
     view = ModelView(model)
     check_float32(view)
     explained, logits = choose_output(view, output)
@@ -217,7 +218,7 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
             lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum",
             lazy_weights: bool = False, exact_forward: bool = False, target_runtime: str = "any",
-            output: str | None = None) -> onnx.ModelProto:
+            output: str | None = None, input_shape=None) -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
 
     The explainer keeps the model's inputs and outputs, adds a required int64 ``target`` input
@@ -241,6 +242,10 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     terminal Softmax; a model with several outputs and no such choice is refused with the list.
     The scores must be ``[N, K]`` or ``[N, K, 1, ..., 1]``; recorded as ``lrponnx.logits``
     (the tensor) and ``lrponnx.output`` (the graph output).
+
+    ``input_shape``: fix the model's input shape first, ``"N,3,224,224"`` (one input; ``N`` or ``?``
+    keeps a dim symbolic), ``"name:1,3,224,224;other:..."`` or a dict ``{name: dims}``; for models
+    whose spatial size is symbolic (see :mod:`lrponnx.shapes`). The explainer's input has that shape.
     """
     if seed not in SEEDS:
         raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
@@ -248,7 +253,7 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         raise RuleError(f"target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {target_runtime!r}")
     p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
              lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator,
-             lazy_weights=lazy_weights, output=output)
+             lazy_weights=lazy_weights, output=output, input_shape=input_shape)
     if p.offenders:
         raise UnsupportedModelError(p.offenders)
     explainer = p.model  # prepare() made our own copy: extend it in place
@@ -359,8 +364,10 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
         if R is None and not extra:
             continue
         h = table.get(u.kind)
+        multi = h is not None and h.multi_output  # e.g. Split: every output's relevance goes back
+        ctx.out_relevance = {o: total(o) for o in [u.output] + extra} if multi else {}
         try:
-            if extra:
+            if extra and not multi:
                 raise Unsupported(f"relevance arrives at output(s) {extra}; only the first output is explained")
             if h is None:
                 raise Unsupported(_why_unsupported(u))
@@ -372,6 +379,7 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
             handed = {t: r if isinstance(r, str) else combine(g, [r]) for t, r in handed.items()}
             if R is not None:
                 exposed.append((f"lrp_out/{u.name}", R, ctx.view.shape(u.output)))
+            if R is not None or ctx.out_relevance:  # a Split may get relevance at other outputs only
                 exposed.extend((f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i)) for i, r in handed.items())
         for t, r in handed.items():
             incoming[t].append(r)

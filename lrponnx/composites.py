@@ -254,7 +254,14 @@ def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None
         return make_rule("identity")
     if u.kind in ("Add", "Sub", "Mul", "Div", "Sum") and len(u.inputs) == 1:
         return make_rule("pass")  # an activation shifted or scaled by a constant
+    if u.kind in EPSILON_KINDS and h.rules[0] == "epsilon":
+        return make_rule("epsilon", epsilon=opts.epsilon)  # the dense layers' stabiliser (--epsilon)
     return make_rule(h.rules[0])
+
+
+#: units whose default rule is the epsilon rule with the composite's --epsilon: LayerNorm (held
+#: constant, relevance/layernorm.py) and MatMul/Gemm with the constant on the left (relevance/matmul.py)
+EPSILON_KINDS = ("LayerNormalization", "LayerNorm", "MatMul", "Gemm")
 
 
 def _apply_overrides(units: list[Unit], overrides, table) -> None:

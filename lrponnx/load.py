@@ -220,7 +220,7 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise InvalidModelError("the model imports no default-domain ('ai.onnx') opset")
 
 
-def prepare(src, lazy_weights: bool = False) -> onnx.ModelProto:
+def prepare(src, lazy_weights: bool = False, input_shape=None) -> onnx.ModelProto:
     """Read, check, upgrade to at least :data:`MIN_OPSET`, infer shapes, name every node.
 
     All graph work runs on a skeleton without the large weights, so nothing here serialises
@@ -249,9 +249,19 @@ def prepare(src, lazy_weights: bool = False) -> onnx.ModelProto:
     if sk.ir_version < 8:  # model-local functions (our WithinChannelLRN) need IR 8
         sk.ir_version = 8
     align_function_opset(sk)
+    if input_shape is not None:  # --input-shape: fix the model's input dims (see lrponnx.shapes)
+        from .shapes import apply_input_shape
+
+        apply_input_shape(sk, input_shape, [i.name for i in sk.graph.input if i.name not in fake and
+                                            i.name not in {t.name for t in sk.graph.initializer}])
     _fold_small_constants(sk)
     try:
         sk = onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=False, data_prop=True)
+        from .shapes import fold_shape_computations
+
+        fold_shape_computations(sk)  # reshapes computed from shapes that are fixed: constants
+    except InvalidModelError:
+        raise
     except Exception as e:
         raise InvalidModelError(f"onnx shape inference failed on the model: {first_line(e)}") from None
     _name_nodes(sk.graph)

@@ -93,13 +93,27 @@ def build_units(view: ModelView) -> list[Unit]:
         for n in unit.nodes:
             claimed[n.name] = unit
 
+    from .relevance.layernorm import find_decomposed_layernorm  # ReduceMean/Sub/Pow/.../Div chains
+
+    for unit in find_decomposed_layernorm(view):
+        if any(n.name in claimed for n in unit.nodes):
+            continue
+        units.append(unit)
+        for n in unit.nodes:
+            claimed[n.name] = unit
+
     for index, node in enumerate(view.graph.node):
         if node.name in claimed:
             continue
         data_inputs = [i for i in node.input if i and i in view.dynamic]
         if not data_inputs:
             continue  # a constant computation: folded by ModelView.value when needed
-        unit = _linear_unit(view, node) or _lrn_unit(view, node) or _plain_unit(view, node, data_inputs)
+        # Integer/bool inputs computed from shapes (a Gather's indices, a Reshape's target, a Where's
+        # condition) are not the data the unit explains: with a float data input they are left out,
+        # so a path through them is not a path of values (e.g. for "first layer").
+        values = [i for i in data_inputs if view.is_float(i) or view.elem_type(i) == onnx.TensorProto.UNDEFINED]
+        unit = (_linear_unit(view, node) or _lrn_unit(view, node)
+                or _plain_unit(view, node, values or data_inputs))
         unit.index = index
         units.append(unit)
         for n in unit.nodes:

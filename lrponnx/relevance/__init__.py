@@ -100,15 +100,18 @@ def runtime_ones(g: GraphBuilder, x: str, channels: int | None = None) -> str:
 class Handler:
     fn: Callable[["Ctx", Unit, str], dict]
     rules: tuple[str, ...]      # rule names the unit accepts; the first is its default
+    #: the handler explains every output of its node (Split): it reads ``ctx.out_relevance``
+    #: ({output: relevance or None}) and gets ``R`` None when only other outputs carry relevance
+    multi_output: bool = False
 
 
 HANDLERS: dict[str, Handler] = {}
 
 
-def handler(*kinds: str, rules: tuple[str, ...] = ("pass",)):
+def handler(*kinds: str, rules: tuple[str, ...] = ("pass",), multi_output: bool = False):
     def register(fn):
         for kind in kinds:
-            HANDLERS[kind] = Handler(fn, rules)
+            HANDLERS[kind] = Handler(fn, rules, multi_output)
         return fn
     return register
 
@@ -125,6 +128,8 @@ class Ctx:
     view: ModelView
     options: dict
     forward: dict = field(default_factory=dict)
+    #: for a ``multi_output`` handler: the relevance at each output of its unit (None: none arrives)
+    out_relevance: dict = field(default_factory=dict)
 
     # -- the stabilised divide shared by every rule ----------------------------------------------
     def stab_div(self, R: str, d: str, eps: float, hint: str = "q", nonnegative: bool = False) -> str:
@@ -218,7 +223,7 @@ def nonnegative(view: ModelView, name: str, _memo: dict | None = None) -> bool:
 def load_handlers() -> dict[str, Handler]:
     """Import the handler modules (they register themselves) and return the table."""
     from . import linear, lrn, pooling, structural  # noqa: F401
+    from . import activations, reductions  # noqa: F401  (after structural: activations refines Mul)
+    from . import layernorm, matmul, routing  # noqa: F401  (LayerNorm; MatMul/Gemm by a constant; routing)
 
     return HANDLERS
-    from . import activations, reductions  # noqa: F401  (after structural: activations refines Mul)
-    from . import layernorm, routing  # noqa: F401  (LayerNorm; Split, Slice, Gather, Expand, Tile, Where)

@@ -34,7 +34,9 @@ class LinearOps:
         if p.kind in ("conv", "convtranspose"):
             x_shape, z_shape = p.x_shape, p.z_shape
             if x_shape is None or z_shape is None or any(d is None for d in x_shape[1:] + z_shape[1:]):
-                raise Unsupported("needs static channel and spatial sizes (run shape inference or fix the input shape)")
+                from ..shapes import static_hint
+
+                raise Unsupported("needs static channel and spatial sizes" + static_hint(ctx.view))
 
     # -- weights ---------------------------------------------------------------------------------
     def weight(self, key: str, W: np.ndarray) -> str:

@@ -78,12 +78,21 @@ def concat_split(ctx: Ctx, unit: Unit, R: str) -> dict:
 def pad_crop(ctx: Ctx, unit: Unit, R: str) -> dict:
     node = unit.nodes[0]
     mode = unit.info.get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
-        raise Unsupported("only constant padding is supported")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
     if not ctx.view.is_const(node.input[1]):
-        raise Unsupported("pads computed at run time")
+        raise Unsupported("pads computed at run time (from activations, or from sizes that stay symbolic: "
+                          "--input-shape may fix them)")
     pads = ctx.view.value(node.input[1]).astype(np.int64)
     axes = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
+    if mode in ("reflect", "edge", "wrap"):  # copies of input values: routed back to them
+        from .routing import pad_copies
+
+        if axes and not ctx.view.is_const(axes[0]):
+            raise Unsupported("axes computed at run time")
+        axis_list = [int(a) for a in ctx.view.value(axes[0]).reshape(-1)] if axes else None
+        return {node.input[0]: pad_copies(ctx, unit, R, mode, pads, axis_list)}
+    if mode != "constant":
+        raise Unsupported(f"padding mode {mode!r}")
     # Pad with negated pads crops (and re-pads with zeros where the forward cropped).
     r = ctx.g.op("Pad", R, ctx.g.ints(-pads), "", *axes, mode="constant", hint="r_pad")
     return {node.input[0]: r}
