@@ -21,7 +21,9 @@ def _window(ctx: Ctx, unit: Unit) -> dict:
     x = unit.inputs[0]
     xs = ctx.view.shape(x)
     if not _static(xs, 1):
-        raise Unsupported("needs static channel and spatial sizes")
+        from ..shapes import static_hint
+
+        raise Unsupported("needs static channel and spatial sizes" + static_hint(ctx.view))
     a = unit.info
     n = len(xs) - 2
     if unit.op_type.startswith("Global"):
