@@ -343,6 +343,8 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
     ``(output name, tensor, shape)`` for ``--layer-relevance``.
     """
     g, table = ctx.g, load_handlers()
+    from .relevance.attention import shape_only  # after load_handlers: it wraps their MatMul and Gather
+
     incoming: dict[str, list[str]] = defaultdict(list)
     incoming[logits].append(R0)
     if logits in ctx.view.types:
@@ -354,7 +356,7 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
         if not parts:
             return None
         if len(parts) > 1 or not isinstance(parts[0], str):
-            incoming[t] = [combine(g, parts, ctx.view.types.get(t))]
+            incoming[t] = [combine(g, parts, ctx.view.types.get(t) if ctx.view.is_float(t) else None)]
         return incoming[t][0]
 
     for u in reversed(units):
@@ -369,9 +371,12 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
         try:
             if extra and not multi:
                 raise Unsupported(f"relevance arrives at output(s) {extra}; only the first output is explained")
-            if h is None:
+            if shape_only(ctx.view, u.output):
+                handed = {}  # made from the input's shape only (a mask, position ids): no relevance
+            elif h is None:
                 raise Unsupported(_why_unsupported(u))
-            handed = h.fn(ctx, u, R)
+            else:
+                handed = h.fn(ctx, u, R)
         except Unsupported as e:
             offenders.append(Offender(u.name, u.op_type, str(e)))
             handed = {i: R or incoming[extra[0]][0] for i in u.inputs if ctx.view.is_float(i)}
@@ -383,7 +388,8 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
                 exposed.extend((f"lrp_in/{u.name}/{i}", r, ctx.view.shape(i)) for i, r in handed.items())
         for t, r in handed.items():
             incoming[t].append(r)
-            if isinstance(r, str) and t in ctx.view.types:  # relevance has the shape of its tensor
+            # relevance has the shape of its tensor (float32 also for int64 token ids)
+            if isinstance(r, str) and t in ctx.view.types and ctx.view.is_float(t):
                 g.declare(r, ctx.view.types[t])
     return {t: total(t) for t in ctx.view.inputs}, offenders
 

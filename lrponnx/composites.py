@@ -31,6 +31,8 @@ RULE_DEFAULTS: dict[str, dict] = {
     "taylor": {"epsilon": 1e-6, "denominator": "sum"},
     "identity": {},
     "signal-takes-all": {},
+    "attnlrp-softmax": {},     # AttnLRP: Softmax inside the network (relevance/attention.py)
+    "uniform": {},             # AttnLRP: a product of two activations, each factor half
 }
 
 
@@ -167,6 +169,10 @@ class Composite:
     dense: str             # Gemm / MatMul
     first_conv_only: bool = False
     conv_params: tuple = ()
+    #: the stabiliser of every default rule that has one (AttnLRP: 0); None: --epsilon and the defaults
+    epsilon: float | None = None
+    #: Softmax inside the net and MatMul of two activations get the AttnLRP rules (else refused)
+    attention: bool = False
 
 
 COMPOSITES: dict[str, Composite] = {
@@ -176,6 +182,9 @@ COMPOSITES: dict[str, Composite] = {
     "epsilon-alpha2-beta1-flat": Composite("flat", "alpha-beta", "epsilon",
                                            conv_params=(("alpha", 2.0), ("beta", 1.0))),
     "epsilon-gamma-box": Composite("zbox", "gamma", "epsilon", first_conv_only=True),
+    # AttnLRP (Achtibat et al., ICML 2024; LXT 2.1): epsilon with eps = 0 on linear layers and Adds,
+    # LayerNorm with sigma constant, the softmax rule and the uniform rule on Q K^T and A V
+    "attnlrp": Composite(None, "epsilon", "epsilon", epsilon=0.0, attention=True),
 }
 DEFAULT_COMPOSITE = "epsilon-plus-flat"
 
@@ -229,12 +238,16 @@ def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> Non
     mark_first_layers(units, inputs)
     for u in units:
         u.rule = _default_rule(u, comp, opts, table.get(u.kind))
+        if comp.epsilon is not None and u.rule is not None and "epsilon" in u.rule.params and u.kind != "LRN":
+            u.rule = make_rule(u.rule.name, **{**u.rule.params, "epsilon": comp.epsilon})
     _apply_overrides(units, opts.overrides, table)
 
 
 def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None) -> Rule | None:
     if h is None:
         return None
+    if u.kind == "Softmax" or (u.kind == "MatMul" and len(u.inputs) == 2):  # attention (AttnLRP)
+        return make_rule("attnlrp-softmax" if u.kind == "Softmax" else "uniform") if comp.attention else None
     if u.kind == "Linear":
         is_conv = u.info.kind in ("conv", "convtranspose")
         if u.first and comp.first and (is_conv or not comp.first_conv_only):
@@ -252,6 +265,8 @@ def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None
         if opts.lrn_rule == "taylor":
             return make_rule("taylor", epsilon=opts.lrn_epsilon, denominator=opts.lrn_denominator)
         return make_rule("identity")
+    if comp.attention and u.kind in ("Add", "Sub", "Sum") and len(u.inputs) == 1:
+        return make_rule("norm")  # AttnLRP: a constant addend keeps its share (eps set by the composite)
     if u.kind in ("Add", "Sub", "Mul", "Div", "Sum") and len(u.inputs) == 1:
         return make_rule("pass")  # an activation shifted or scaled by a constant
     if u.kind in EPSILON_KINDS and h.rules[0] == "epsilon":

@@ -225,5 +225,6 @@ def load_handlers() -> dict[str, Handler]:
     from . import linear, lrn, pooling, structural  # noqa: F401
     from . import activations, reductions  # noqa: F401  (after structural: activations refines Mul)
     from . import layernorm, matmul, routing  # noqa: F401  (LayerNorm; MatMul/Gemm by a constant; routing)
+    from . import attention  # noqa: F401  (keep last: AttnLRP wraps the MatMul and Gather handlers)
 
     return HANDLERS

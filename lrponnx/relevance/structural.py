@@ -45,6 +45,12 @@ def elementwise(ctx: Ctx, unit: Unit, R: str) -> dict:
         x = dyn[0]
         if node.op_type == "Div" and node.input[0] != x:
             raise Unsupported("division of a constant by an activation is not linear in it")
+        if unit.rule.name == "norm" and node.op_type in ("Add", "Sub", "Sum"):
+            # the constant addend keeps its share (AttnLRP: bias, position embeddings): x R / stab(y)
+            q = ctx.stab_div(R, y, unit.rule.params.get("epsilon", 1e-6), hint="q_shift")
+            if node.op_type == "Sub" and node.input[0] != x:
+                q = ctx.g.op("Neg", q, hint="q_shift_neg")
+            return {x: ctx.unbroadcast(ctx.g.op("Mul", x, q, hint="r_shift"), x, y_shape)}
         # An activation shifted or scaled by a constant (input normalisation): pass.
         return {x: ctx.unbroadcast(R, x, y_shape)}
     if node.op_type not in ("Add", "Sum"):
@@ -65,10 +71,14 @@ def concat_split(ctx: Ctx, unit: Unit, R: str) -> dict:
     sizes = []
     for i in node.input:
         shape = ctx.view.shape(i)
-        if shape is None or shape[axis] is None:
-            raise Unsupported(f"needs the static size of input {i!r} along the concat axis")
-        sizes.append(shape[axis])
-    parts = ctx.g.op("Split", R, ctx.g.ints(sizes), axis=axis, outputs=len(sizes), hint="r_concat")
+        sizes.append(None if shape is None else shape[axis])
+    if any(s is None for s in sizes):  # e.g. a class token expanded to the batch: sizes read at run time
+        g = ctx.g
+        split = g.op("Concat", *[g.op("Gather", g.op("Shape", i), g.ints([axis]), axis=0) for i in node.input],
+                     axis=0, hint="concat_sizes")
+    else:
+        split = ctx.g.ints(sizes)
+    parts = ctx.g.op("Split", R, split, axis=axis, outputs=len(sizes), hint="r_concat")
     if len(sizes) == 1:
         parts = [parts]
     return {i: p for i, p in zip(node.input, parts) if i in ctx.view.dynamic}
