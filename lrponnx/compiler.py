@@ -201,8 +201,20 @@ def _relevance_path(view: ModelView, units: list[Unit], logits: str) -> list[Uni
             continue
         seen.add(id(u))
         path.append(u)
-        stack.extend(i for i in u.inputs if view.is_float(i) or view.elem_type(i) == TensorProto.UNDEFINED)
+        stack.extend(i for i in _receiving_inputs(view, u)
+                     if view.is_float(i) or view.elem_type(i) == TensorProto.UNDEFINED)
     return path
+
+
+def _receiving_inputs(view: ModelView, u: Unit) -> list[str]:
+    """The inputs a unit hands relevance to: all but the gate of a ``signal-takes-all`` product."""
+    if u.rule is not None and u.rule.name == "signal-takes-all" and len(u.inputs) == 2:
+        from .relevance.activations import gate_source
+
+        gates = [i for i in u.inputs if gate_source(view, i) is not None]
+        if len(gates) == 1:
+            return [i for i in u.inputs if i != gates[0]]
+    return list(u.inputs)
 
 
 def _why_unsupported(u: Unit) -> str:

@@ -368,6 +368,9 @@ def test_inspect_shows_the_gate_decision(tmp_path):
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if "signal-takes-all" in ln)
     assert f"signal {h!r}" in line and "gets no relevance" in line
+    # the gate's branch receives no relevance, so it is not listed on the relevance path
+    rows = r.stdout.split("explained output")[0].splitlines()[1:]
+    assert [row.split()[2] for row in rows if row.strip()] == ["Conv", "Mul", "ReduceMean", "Gemm"], r.stdout
 
 
 def test_products_without_a_gate_are_refused_by_name():
