@@ -43,6 +43,9 @@ _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil"
                 "GreaterOrEqual", "Not", "And", "Or", "Where", "Sign", "Clip", "Pow"}
 #: unary ops that keep a symbol's identity (the value is the same number)
 _KEEPS_SYMBOL = {"Cast", "Identity", "CastLike"}
+#: control flow keeps its computed condition: the decomposed-LRN matcher (lrn_match) reads the
+#: TorchScript chain's ``If(Equal(Shape...))`` as part of the LRN unit
+_KEEP_CONDITIONS = {"If", "Loop", "Scan"}
 #: results larger than this are not evaluated at convert time (masks, ConstantOfShape of activations)
 _MAX_ELEMENTS = 1 << 14
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -236,7 +239,7 @@ def _rewrite(sk, tracked, made_by, shapes, syms: _Symbols) -> int:
         return name
 
     for node in g.node:
-        if id(node) in inside:
+        if id(node) in inside or node.op_type in _KEEP_CONDITIONS:
             continue
         for k, name in enumerate(node.input):
             if name not in tracked or name in outputs:

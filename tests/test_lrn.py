@@ -664,11 +664,15 @@ def test_decomposed_even_matches_reference_with_torch_window(exported, exporter)
 
 def test_decomposed_dynamic_batch_torchscript():
     """With a dynamic batch the TorchScript exporter computes the Reshape targets from Shape(x):
-    those shape helpers join the unit, and any batch size runs."""
+    the loader folds them into constants (lrponnx.shapes, 0 = keep the batch dim), the chain is
+    still one unit, and any batch size runs."""
     net = _torch_net(5)
     model = _export(net, dynamo=False, dynamic_batch=True)
+    assert "Concat" in {m.op_type for m in model.graph.node}
     view, units = _lrn_units(model)
-    assert len(units) == 1 and "Concat" in {m.op_type for m in units[0].nodes}
+    assert len(units) == 1
+    reshapes = [m for m in units[0].nodes if m.op_type == "Reshape"]
+    assert reshapes and all(view.is_const(m.input[1]) for m in reshapes)
     x = np.random.default_rng(7).standard_normal((3, 3, 6, 6)).astype(np.float32)
     ex = lrponnx.convert(model)
     a = run(ex, {"x": x})["relevance"]
