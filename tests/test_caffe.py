@@ -327,7 +327,8 @@ def ref_pool(p, x):
             sh, sw = int(g1(p, "stride_h", 1)), int(g1(p, "stride_w", 1))
         else:
             sh = sw = int(g1(p, "stride", 1))
-    rnd = math.floor if g1(p, "round_mode", "CEIL") == "FLOOR" else math.ceil
+    # BVLC: round_mode: FLOOR; Caffe forks and OpenCV (BVLC PR #3057): ceil_mode: false
+    rnd = math.floor if g1(p, "round_mode", "CEIL") == "FLOOR" or g1(p, "ceil_mode", True) is False else math.ceil
     Ho = int(rnd((H + 2 * ph - kh) / sh)) + 1
     Wo = int(rnd((Wd + 2 * pw - kw) / sw)) + 1
     if ph or pw:
@@ -553,6 +554,22 @@ def ref_forward(net: dict, inputs: dict[str, np.ndarray], weights: dict[str, lis
             for top in tops:
                 blobs[top] = x.copy()
             continue
+        elif t == "Crop":  # crop_layer.cpp: axes >= axis take bottom 1's size, from offset
+            q = P("crop_param")
+            axis = int(g1(q, "axis", 2)) % x.ndim
+            offs = [int(v) for v in gl(q, "offset")]
+            idx = [slice(None)] * axis
+            for i in range(axis, x.ndim):
+                o = 0 if not offs else offs[0] if len(offs) == 1 else offs[i - axis]
+                idx.append(slice(o, o + xs[1].shape[i]))
+            y = x[tuple(idx)]
+        elif t == "Slice":  # slice_layer.cpp: at the slice_points, else equal parts
+            q = P("slice_param")
+            axis = int(g1(q, "slice_dim", g1(q, "axis", 1))) % x.ndim
+            points = [int(v) for v in gl(q, "slice_point")]
+            for top, part in zip(tops, np.split(x, points or len(tops), axis=axis)):
+                blobs[top] = part
+            continue
         else:
             raise NotImplementedError(t)
         blobs[tops[0]] = y
@@ -696,6 +713,180 @@ def test_pooling_edge_cases_match_caffe(tmp_path, hw):
     assert len(errs) == 22
     # ceil and floor rounding differ for some of these sizes: the converter must follow Caffe's ceil
     assert ref["max_k3s2"].shape != ref["max_floor"].shape or hw[0] % 2 == 1
+
+
+@pytest.mark.parametrize("hw", [(13, 13), (12, 12), (8, 11)])
+def test_ceil_mode_false_pools_with_floor_rounding(tmp_path, hw):
+    """``ceil_mode: false`` (Caffe forks, OpenCV's caffe.proto) was dropped and pooled with ceil."""
+    model, ref, feeds = run_fixture(tmp_path, "ceil_mode.prototxt", shape_override=[1, 3, *hw])
+    compare_all(model, ref, feeds, f"ceil_mode {hw}")
+    H, W = hw
+    assert ref["max_k2s2_floor"].shape[2:] == ((H - 2) // 2 + 1, (W - 2) // 2 + 1)
+    assert ref["max_k2s2_ceil"].shape[2:] == (-(-(H - 2) // 2) + 1, -(-(W - 2) // 2) + 1)
+
+
+def test_round_mode_and_ceil_mode_are_one_setting(tmp_path):
+    text = (FIXTURES / "ceil_mode.prototxt").read_text()
+    bvlc = tmp_path / "round.prototxt"
+    bvlc.write_text(text.replace("ceil_mode: false", "round_mode: FLOOR").replace("ceil_mode: true", "round_mode: CEIL"))
+    a, b = convert(FIXTURES / "ceil_mode.prototxt", random_weights=0), convert(bvlc, random_weights=0)
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert a.graph.output == b.graph.output
+    both = tmp_path / "both.prototxt"
+    both.write_text(text.replace("MAX kernel_size: 2 stride: 2 ceil_mode: false",
+                                 "MAX kernel_size: 2 stride: 2 ceil_mode: false round_mode: CEIL"))
+    with pytest.raises(InvalidModelError, match=r"'max_k2s2_floor' \(Pooling\): round_mode: CEIL and "
+                                                r"ceil_mode: false contradict"):
+        convert(both, random_weights=0)
+    agree = tmp_path / "agree.prototxt"
+    agree.write_text(text.replace("ceil_mode: false", "ceil_mode: false round_mode: FLOOR"))
+    assert convert(agree, random_weights=0).graph.output == a.graph.output
+
+
+@pytest.mark.parametrize("hw", [(20, 20), (22, 18)])
+def test_crop_and_slice_match_caffe(tmp_path, hw):
+    model, ref, feeds = run_fixture(tmp_path, "crop_slice.prototxt", shape_override=[1, 3, *hw])
+    errs = compare_all(model, ref, feeds, f"crop_slice {hw}")
+    assert {"crop", "crop_c", "s0", "s1", "s2", "h0", "h1", "d0", "d1", "fc"} <= set(errs)
+    assert ref["crop"].shape[2:] == hw and ref["s1"].shape[1] == 2 and ref["d0"].shape[1] == 5
+
+
+def test_crop_and_slice_errors_name_the_layer(tmp_path):
+    def net(body):
+        return _tiny(tmp_path, body)
+    cases = [
+        ('layer { name: "c" type: "Crop" bottom: "data" bottom: "data" top: "c" crop_param { offset: 1 } }',
+         InvalidModelError, r"'c' \(Crop\): axis 2: offset 1 \+ the reference's size 8 exceed"),
+        ('layer { name: "c" type: "Crop" bottom: "data" bottom: "data" top: "c" crop_param { offset: 0 offset: 0 '
+         'offset: 0 } }', InvalidModelError, r"'c' \(Crop\): offset must be given once or once per cropped axis \(2\)"),
+        ('layer { name: "c" type: "Crop" bottom: "data" top: "c" }', UnsupportedModelError,
+         r"layer 'c' \(Crop\): expects two bottoms"),
+        ('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { slice_point: 1 slice_point: 2 } }',
+         InvalidModelError, r"'s' \(Slice\): 2 slice_point\(s\) for 2 tops"),
+        ('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { slice_point: 3 axis: 1 } }',
+         InvalidModelError, r"'s' \(Slice\): slice_points \[3\] must increase strictly within \(0, 3\)"),
+        ('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "b" }', InvalidModelError,
+         r"'s' \(Slice\): axis 1 of size 3 does not split into 2 equal parts"),
+        ('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { axis: 0 } }',
+         UnsupportedModelError, r"'s' \(Slice\): slices the batch axis; give --input-shape"),
+        ('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "a" slice_param { axis: 2 } }',
+         UnsupportedModelError, r"'s' \(Slice\): names the same top twice"),
+    ]
+    for body, err, pattern in cases:
+        with pytest.raises(err, match=pattern):
+            convert(net(body), random_weights=0)
+    # a fixed batch makes the batch-axis slice convertible
+    m = convert(net('layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { axis: 0 } }'),
+                random_weights=0, input_shape="2,3,8,8")
+    a, b = session(m).run(["a", "b"], {"data": np.arange(384, dtype=np.float32).reshape(2, 3, 8, 8)})
+    assert a.shape == b.shape == (1, 3, 8, 8) and b.min() == 192
+
+
+def test_unknown_prototxt_fields_are_refused_by_name_all_at_once(tmp_path):
+    p = _tiny(tmp_path, 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "c" param { lr_mult: 1 } '
+                        'convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "msra" } '
+                        'engine: CUDNN dilaton: 2 } }\n'
+                        'layer { name: "pool1" type: "Pooling" bottom: "c" top: "p" pooling_param { pool: MAX '
+                        'kernel_size: 2 stride: 2 ceil_mod: false } }\n'
+                        'layer { name: "relu" type: "ReLU" bottom: "p" top: "p" relu_param { negative_slope: 0.1 } '
+                        'fused: true [my.ext] { a: 1 } }\n')
+    with pytest.raises(UnsupportedModelError) as ei:
+        convert(p, random_weights=0)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("3 Caffe layer(s) cannot be converted: ")
+    assert "layer 'conv1' (Convolution): unknown field convolution_param.dilaton (line 2)" in msg
+    assert "layer 'pool1' (Pooling): unknown field pooling_param.ceil_mod (line 3)" in msg
+    assert "layer 'relu' (ReLU): unknown fields fused (line 4), [my.ext] (line 4)" in msg
+    # outside any layer
+    q = tmp_path / "top.prototxt"
+    q.write_text("force_backward: true\nprofile: 1\n" + p.read_text().split("\n", 1)[0] + "\n")
+    with pytest.raises(InvalidModelError, match=r"top.prototxt: unknown net-level field profile \(line 2\)"):
+        convert(q, random_weights=0)
+    # layers that are not converted (TRAIN phase, data and loss layers) are not judged by their fields
+    r = _tiny(tmp_path, 'layer { name: "d" type: "Data" top: "x" data_param { source: "db" backend: LMDB } '
+                        'include { phase: TRAIN } }\n'
+                        'layer { name: "drop" type: "Dropout" bottom: "data" top: "data" include { phase: TRAIN } '
+                        'dropout_param { weird: 1 } }\n'
+                        'layer { name: "l" type: "SoftmaxWithLoss" bottom: "data" bottom: "data" top: "l" '
+                        'loss_param { normalize: false } }\n'
+                        'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n')
+    assert [o.name for o in convert(r, random_weights=0).graph.output] == ["r"]
+
+
+def test_training_only_fields_of_real_nets_parse(tmp_path):
+    """V1 and V2 training fields (blobs_lr, weight_decay, param, fillers, engine) are known, not unknown."""
+    from lrponnx.converters.caffe import proto
+    v1 = ('name: "v1" input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
+          'layers { name: "c" type: CONVOLUTION bottom: "data" top: "c" blobs_lr: 1 blobs_lr: 2 weight_decay: 1 '
+          'weight_decay: 0 convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "gaussian" std: 0.01 } '
+          'bias_filler { type: "constant" } } }\n'
+          'layers { name: "s" type: SLICE bottom: "c" top: "a" top: "b" slice_param { slice_dim: 1 } }\n')
+    assert proto.scan_unknown_fields(v1) == []
+    p = tmp_path / "v1.prototxt"
+    p.write_text(v1)
+    m = convert(p, random_weights=0)
+    assert [o.name for o in m.graph.output] == ["a", "b"]
+    v2 = ('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+          'layer { name: "bn" type: "BatchNorm" bottom: "d" top: "d" param { lr_mult: 0 decay_mult: 0 } '
+          'batch_norm_param { use_global_stats: true moving_average_fraction: 0.9 } propagate_down: true }\n'
+          'layer { name: "sc" type: "Scale" bottom: "d" top: "d" scale_param { bias_term: true filler { value: 1 } '
+          'bias_filler { value: 0 } } loss_weight: 0 }\n'
+          'layer { name: "p" type: "Pooling" bottom: "d" top: "p" pooling_param { pool: MAX kernel_size: 2 '
+          'engine: CAFFE round_mode: FLOOR } }\n')
+    assert proto.scan_unknown_fields(v2) == []
+
+
+def test_caffemodel_blob_fields_are_read_or_refused(tmp_path):
+    from lrponnx.converters.caffe import proto
+    from lrponnx.converters.caffe.convert import parse_caffemodel
+    def model(**blob):
+        net = proto.NetParameter()
+        b = net.layer.add(name="c", type="Convolution").blobs.add(**blob)
+        return net, b
+    net, b = model(raw_data_type=2, raw_data=np.array([1.5, -2, 65504], "<f2").tobytes())
+    b.shape.dim.extend([3])
+    got = parse_caffemodel(net.SerializeToString(), "w.caffemodel")["c"][0]
+    assert got.data.tolist() == [1.5, -2.0, 65504.0] and got.data.dtype == np.float32
+    net, b = model(raw_data_type=3, raw_data=b"\0" * 8)
+    with pytest.raises(InvalidModelError, match=r"layer 'c' \(Convolution\) blob 0: raw_data of type INT"):
+        parse_caffemodel(net.SerializeToString(), "w.caffemodel")
+    net, b = model(raw_data_type=1, raw_data=b"\0" * 6)
+    with pytest.raises(InvalidModelError, match="6 bytes, not a whole number of 4-byte values"):
+        parse_caffemodel(net.SerializeToString(), "w.caffemodel")
+    net, b = model(data=[1.0, 2.0])
+    raw = net.SerializeToString()
+    # append field 15 (varint) inside the blob: unknown to BlobProto -> refused by number
+    extra = proto.BlobProto(data=[1.0, 2.0]).SerializeToString() + bytes([15 << 3, 1])
+    lp = proto.LayerParameter(name="c", type="Convolution")
+    lp.blobs.add().ParseFromString(extra)
+    bad = proto.NetParameter()
+    bad.layer.append(lp)
+    with pytest.raises(InvalidModelError, match=r"layer 'c' \(Convolution\) blob 0 has field number\(s\) 15"):
+        parse_caffemodel(bad.SerializeToString(), "w.caffemodel")
+    # gradients (diff, field 6) are not forward values: ignored
+    diff = proto.BlobProto(data=[1.0, 2.0], shape=proto.BlobShape(dim=[2])).SerializeToString() + \
+        bytes([6 << 3 | 2, 4]) + np.float32(3).tobytes()
+    lp = proto.LayerParameter(name="c", type="Convolution")
+    lp.blobs.add().ParseFromString(diff)
+    ok = proto.NetParameter()
+    ok.layer.append(lp)
+    assert parse_caffemodel(ok.SerializeToString(), "w")["c"][0].data.tolist() == [1.0, 2.0] and raw
+    # a V0 caffemodel: layers { layer { name, blobs } } (V1LayerParameter field 1)
+    v0 = bytes([2 << 3 | 2, 5, 1 << 3 | 2, 3, 10, 1, 99])
+    with pytest.raises(InvalidModelError, match="V0-format caffemodel"):
+        parse_caffemodel(v0, "old.caffemodel")
+
+
+def test_random_caffemodel_holds_the_seeds_weights(tmp_path):
+    from lrponnx.converters.caffe.convert import random_caffemodel
+    proto_path = FIXTURES / "layers_a.prototxt"
+    cm = tmp_path / "r.caffemodel"
+    cm.write_bytes(random_caffemodel(proto_path, 7))
+    a, b = convert(proto_path, cm), convert(proto_path, random_weights=7)
+    wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    wb = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert decode_caffemodel(cm.read_bytes())  # our own wire decoder reads it too
 
 
 def test_pooling_ave_uses_plain_onnx_ops(tmp_path):

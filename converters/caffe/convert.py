@@ -911,6 +911,8 @@ def _h_slice(c: _Ctx) -> list[list[int]]:
         raise c.layer.err("either axis or slice_dim may be given, not both")
     axis = _canon_axis(int(p.slice_dim) if p.HasField("slice_dim") else int(p.axis), len(s), c.layer)
     n, dim = len(c.outs), s[axis]
+    if axis == 0 and n > 1 and not c.g.fixed_batch:
+        raise c.layer.unsupported("slices the batch axis; give --input-shape with a fixed batch")
     points = [int(v) for v in p.slice_point]
     if points:
         if len(points) != n - 1:
@@ -931,8 +933,6 @@ def _h_slice(c: _Ctx) -> list[list[int]]:
     if n == 1:
         c.g.node("Identity", [c.xs[0]], [c.outs[0]], c.name)
         return outs
-    if axis == 0 and not c.g.fixed_batch:
-        raise c.layer.unsupported("slices the batch axis; give --input-shape with a fixed batch")
     c.g.node("Split", [c.xs[0], c.g.const(f"{c.name}.split", np.array(sizes), np.int64)], list(c.outs), c.name,
              axis=axis)
     return outs

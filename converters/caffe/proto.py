@@ -328,6 +328,9 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     msgs: dict[str, descriptor_pb2.DescriptorProto] = {}
     for mname in _MESSAGES:
         msgs[mname] = fdp.message_type.add(name=mname)
+        # an extension range (above every field number any Caffe fork uses) lets protobuf's text
+        # parser step over `[some.extension]: ...`; scan_unknown_fields reports it like any unknown
+        msgs[mname].extension_range.add(start=100_000_000, end=536_870_912)
     for ename, values in _ENUMS.items():
         if "." in ename:
             owner, short = ename.split(".")
