@@ -383,6 +383,24 @@ def test_matmul_by_a_constant(side):
     check("MatMul by a constant", out["lrp_in/mm/x"], (xt * grad).detach().numpy())
 
 
+def test_gemm_with_a_per_sample_constant_addend():
+    """Gemm with C [N, M] (a fixed batch): not a bias, so not a linear unit; the epsilon rule on
+    ``y = x Wᵀ + C``, C keeping its share."""
+    rng = np.random.default_rng(6)
+    x = data((2, 6), 6)
+    W = rng.standard_normal((4, 6)).astype(np.float32)
+    Cc = rng.standard_normal((2, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="gemm", transB=1, alpha=0.5)]
+    model = model_with(nodes, {"W": W, "C": Cc}, [2, 6], "y", 4)
+    out = explain_layers(model, x, rules=["gemm=epsilon:epsilon=0.05"])
+    R_y = torch.from_numpy(out["lrp_out/gemm"].astype(np.float64))
+    xt = torch.from_numpy(x).double().requires_grad_()
+    y = 0.5 * xt @ torch.from_numpy(W).double().T + torch.from_numpy(Cc).double()
+    s = R_y / (y.detach() + 0.05 * torch.where(y.detach() >= 0, 1.0, -1.0))
+    (grad,) = torch.autograd.grad((y * s).sum(), xt)
+    check("Gemm by a constant", out["lrp_in/gemm/x"], (xt * grad).detach().numpy())
+
+
 def test_matmul_left_on_a_2d_input_would_mix_samples_and_is_refused():
     C = np.ones((3, 2), np.float32)
     nodes = [helper.make_node("MatMul", ["C", "x"], ["y"], name="mm")]

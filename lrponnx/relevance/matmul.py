@@ -1,6 +1,7 @@
 """MatMul / Gemm of an activation by a constant that :mod:`lrponnx.units` does not read as a linear
-layer: the constant on the *left* (``y = A x``, a token- or channel-mixing matrix), a constant of
-rank > 2 (``x [N, T, K] @ W [1, K, M]``), or Gemm with ``transA``.
+layer: the constant on the *left* (``y = A x``, a token- or channel-mixing matrix, x of rank >= 3),
+a constant of rank > 2 (``x [N, T, K] @ W [1, K, M]``), or a Gemm whose ``C`` is not a bias
+(one row per sample of a fixed batch) or that has ``transA``.
 
 Each is a linear map of its one activation input, so the epsilon rule applies as to any linear
 layer (Bach et al. 2015; the contract's "MatMul with a constant weight"):
@@ -69,18 +70,13 @@ def gemm_constant(ctx: Ctx, unit: Unit, R: str) -> dict:
     alpha = float(a.get("alpha", 1.0))
     tA, tB = int(a.get("transA", 0)), int(a.get("transB", 0))
     s = ctx.stab_div(R, unit.output, unit.rule.params.get("epsilon", 1e-6), hint="q_gemm")
-    if dyn[0] == B:   # y = alpha op(A) op(B): d/d op(B) = alpha op(A)ᵀ s
-        opA = np.asarray(view.value(A), np.float64)
-        opA = opA.T if tA else opA
-        v = g.op("MatMul", g.const((alpha * opA.T).astype(np.float32), hint=f"{unit.name}/A_T"), s, hint="vjp_gemm")
-        if tB:
-            v = g.op("Transpose", v, perm=[1, 0], hint="vjp_gemm_t")
-        x = B
-    else:             # y = alpha op(A) op(B): d/d op(A) = alpha s op(B)ᵀ
-        opB = np.asarray(view.value(B), np.float64)
-        opB = opB.T if tB else opB
-        v = g.op("MatMul", s, g.const((alpha * opB.T).astype(np.float32), hint=f"{unit.name}/B_T"), hint="vjp_gemm")
-        if tA:
-            v = g.op("Transpose", v, perm=[1, 0], hint="vjp_gemm_t")
-        x = A
+    if dyn[0] == B:
+        raise Unsupported("a constant times a 2-D activation mixes the samples of the batch (its rows)")
+    # y = alpha op(A) op(B) + beta C: d/d op(A) = alpha s op(B)ᵀ
+    opB = np.asarray(view.value(B), np.float64)
+    opB = opB.T if tB else opB
+    v = g.op("MatMul", s, g.const((alpha * opB.T).astype(np.float32), hint=f"{unit.name}/B_T"), hint="vjp_gemm")
+    if tA:
+        v = g.op("Transpose", v, perm=[1, 0], hint="vjp_gemm_t")
+    x = A
     return {x: g.op("Mul", x, v, hint="r_gemm")}
