@@ -126,7 +126,13 @@ def check_float32(view: ModelView) -> None:
     """float64 activations or weights: refused plainly (the explainer graph is float32)."""
     doubles = [n for n in list(view.inputs) + list(view.outputs)
                if view.elem_type(n) == TensorProto.DOUBLE]
-    doubles += [n for n in view.dynamic if view.elem_type(n) == TensorProto.DOUBLE]
+    # values computed from the input's data (not from its shape only: Shape/Size cut the chain)
+    data = set(view.inputs)
+    for node in view.graph.node:
+        if node.op_type not in ("Shape", "Size") and any(i in data for i in node.input if i):
+            data.update(o for o in node.output if o)
+    doubles += [n for n in view.graph.node for n in n.output
+                if n in data and view.elem_type(n) == TensorProto.DOUBLE]
     if doubles:
         raise InvalidModelError(
             f"float64 models are not supported (tensor {shorten(doubles[0])!r} is float64); export the model "

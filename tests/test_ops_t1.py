@@ -572,6 +572,24 @@ def test_float64_model_is_refused_plainly(tmp_path):
     assert "invalid explainer" not in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+def test_float64_inside_a_float32_model_is_refused_but_shape_maths_in_float64_is_not():
+    s = Stem(3)
+    g = G()
+    h = s.conv(g, "x")
+    d = g.node("Relu", g.node("Cast", h, to=TensorProto.DOUBLE))
+    back = g.node("Cast", d, to=TensorProto.FLOAT)
+    model = g.model([vi("x", ["N", 3, H, W])], [vi(s.head(g, back), ["N", K])])
+    with pytest.raises(InvalidModelError, match="float64 models are not supported"):
+        lrponnx.convert(model)
+    # the shape of x computed in float64 (as exporters do for resize scales) is no float64 data
+    g = G()
+    h = s.conv(g, "x")
+    shape = g.node("Cast", g.node("Cast", g.node("Shape", h), to=TensorProto.DOUBLE), to=TensorProto.INT64)
+    same = g.node("Reshape", h, shape)
+    model = g.model([vi("x", ["N", 3, H, W])], [vi(s.head(g, same), ["N", K])])
+    lrponnx.convert(model)
+
+
 # -- conservation ---------------------------------------------------------------------------------------------
 
 def test_conservation_through_the_new_rules():
