@@ -45,6 +45,7 @@ def _session(path_or_model, threads: int = 2):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # no warnings about the exporter's unused constants
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = path_or_model if isinstance(path_or_model, (str, Path)) else path_or_model.SerializeToString()
     return ort.InferenceSession(str(src) if isinstance(src, Path) else src, so, providers=["CPUExecutionProvider"])

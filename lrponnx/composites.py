@@ -33,6 +33,7 @@ RULE_DEFAULTS: dict[str, dict] = {
     "signal-takes-all": {},
     "attnlrp-softmax": {},     # AttnLRP: Softmax inside the network (relevance/attention.py)
     "uniform": {},             # AttnLRP: a product of two activations, each factor half
+    "attnlrp": {},             # AttnLRP inside a fused Attention op (softmax + uniform rules)
 }
 
 
@@ -246,8 +247,9 @@ def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> Non
 def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None) -> Rule | None:
     if h is None:
         return None
-    if u.kind == "Softmax" or (u.kind == "MatMul" and len(u.inputs) == 2):  # attention (AttnLRP)
-        return make_rule("attnlrp-softmax" if u.kind == "Softmax" else "uniform") if comp.attention else None
+    if u.kind in ("Softmax", "Attention") or (u.kind == "MatMul" and len(u.inputs) == 2):  # attention (AttnLRP)
+        return make_rule({"Softmax": "attnlrp-softmax", "Attention": "attnlrp"}.get(u.kind, "uniform")) \
+            if comp.attention else None
     if u.kind == "Linear":
         is_conv = u.info.kind in ("conv", "convtranspose")
         if u.first and comp.first and (is_conv or not comp.first_conv_only):

@@ -242,3 +242,116 @@ def test_embedding_lookup_by_float_table_index_is_refused():
                [_init("E", E), _init("W", RNG.standard_normal((3, 30)))])
     with pytest.raises(UnsupportedModelError, match="2-D table"):
         lrponnx.convert(m, composite="attnlrp")
+
+
+# -- token and patch views ------------------------------------------------------------------------------
+
+def test_token_html_colours_follow_the_relevance():
+    from lrponnx.render import colormap
+    from lrponnx.render_text import token_html, token_terminal
+
+    tokens = ["the", "<b>good</b>", "film", "&"]
+    rel = np.array([0.0, 2.0, -2.0, 1.0])
+    page = token_html(tokens, rel, title="t")
+    lut = colormap("coldnhot")
+    top, bottom, mid = lut[255], lut[0], lut[127]
+    assert f"background:rgb({top[0]},{top[1]},{top[2]})" in page.split("&lt;b&gt;good")[0].rsplit("<span", 1)[1]
+    assert f"background:rgb({bottom[0]},{bottom[1]},{bottom[2]})" in page.split(">film<")[0].rsplit("<span", 1)[1]
+    assert f"background:rgb({mid[0]},{mid[1]},{mid[2]})" in page.split(">the<")[0].rsplit("<span", 1)[1]
+    assert "<b>good</b>" not in page and "&lt;b&gt;good&lt;/b&gt;" in page  # escaped
+    assert 'title="+2"' in page and 'title="-2"' in page
+    line = token_terminal(tokens, rel)
+    assert line.count("\x1b[0m") == 4 and f"48;2;{top[0]};{top[1]};{top[2]}m <b>good</b> " in line
+    with pytest.raises(ValueError, match="3 tokens but 4"):
+        token_html(tokens[:3], rel)
+    with pytest.raises(ValueError, match="NaN"):
+        token_terminal(tokens, [0, np.nan, 1, 2])
+
+
+def test_patch_relevance_sums_blocks():
+    from lrponnx.render_text import patch_relevance
+
+    r = RNG.standard_normal((3, 8, 12))
+    p = patch_relevance(r, 4)
+    assert p.shape == (2, 3)
+    np.testing.assert_allclose(p[1, 2], r[:, 4:8, 8:12].sum())
+    np.testing.assert_allclose(p.sum(), r.sum())
+    with pytest.raises(ValueError, match="patches"):
+        patch_relevance(r, 5)
+
+
+# -- the fused Attention op (opset 23) ----------------------------------------------------------------
+
+def _fused_net(N=2, T=5, H=2, d=3, M=3, mask=True, rank=3):
+    D = H * d
+    Wq, Wk, Wv = (RNG.standard_normal((D, D)) for _ in range(3))
+    Wo, bo = RNG.standard_normal((M, T * D)), RNG.standard_normal(M)
+    maskv = np.where(RNG.random((T, T)) < 0.3, -np.inf, RNG.standard_normal((T, T)))
+    np.fill_diagonal(maskv, 0.0)
+    nodes = [helper.make_node("MatMul", ["x", n], [n.lower()], name=n.lower()) for n in ("Wq", "Wk", "Wv")]
+    inits = [_init("Wq", Wq), _init("Wk", Wk), _init("Wv", Wv), _init("Wo", Wo), _init("bo", bo)]
+    attn_in = ["wq", "wk", "wv"]
+    if rank == 4:
+        inits.append(_init("heads", [0, T, H, d], np.int64))
+        for n in ("wq", "wk", "wv"):
+            nodes += [helper.make_node("Reshape", [n, "heads"], [n + "_r"]),
+                      helper.make_node("Transpose", [n + "_r"], [n + "_4"], perm=[0, 2, 1, 3])]
+        attn_in = ["wq_4", "wk_4", "wv_4"]
+    if mask:
+        inits.append(_init("mask", maskv))
+        attn_in.append("mask")
+    kw = dict(q_num_heads=H, kv_num_heads=H) if rank == 3 else {}
+    nodes.append(helper.make_node("Attention", attn_in, ["y"], name="attention", scale=0.7, **kw))
+    if rank == 4:
+        inits.append(_init("merge", [0, T, D], np.int64))
+        nodes += [helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["yt", "merge"], ["y3"])]
+    nodes += [helper.make_node("Flatten", ["y3" if rank == 4 else "y"], ["f"], axis=1, name="flat"),
+              helper.make_node("Gemm", ["f", "Wo", "bo"], ["logits"], transB=1, name="head")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, T, D])], [N, M], inits, opset=23)
+    m.ir_version = 10
+    return m, (Wq, Wk, Wv, Wo, bo, maskv if mask else np.zeros((T, T)), H, 0.7)
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+@pytest.mark.parametrize("mask", [False, True])
+def test_fused_attention_op(rank, mask):
+    m, (Wq, Wk, Wv, Wo, bo, maskv, H, scale) = _fused_net(mask=mask, rank=rank)
+    x = RNG.standard_normal((2, 5, 6)).astype(np.float32)
+    target = np.array([1, 2])
+    out = _explain(m, x, target)
+    X = x.astype(np.float64)
+    N, T, D = X.shape
+    split = lambda a: a.reshape(N, T, H, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    q, k, v = split(X @ Wq), split(X @ Wk), split(X @ Wv)
+    P = q @ k.transpose(0, 1, 3, 2)
+    Ss = scale * P
+    S = Ss + maskv
+    A = _softmax(S)
+    O = A @ v
+    f = O.transpose(0, 2, 1, 3).reshape(N, -1)
+    z = f @ Wo.T + bo
+    R_O = split((f * (_eps0(_seed(z, target), z) @ Wo)).reshape(N, T, D))
+    t = _eps0(R_O, O) / 2
+    R_A = A * (t @ v.transpose(0, 1, 3, 2))
+    R_v = v * (A.transpose(0, 1, 3, 2) @ t)
+    with np.errstate(invalid="ignore"):
+        R_S = np.where(np.isinf(S), 0.0, S * (R_A - A * R_A.sum(-1, keepdims=True)))
+    R_Ss = Ss * _eps0(R_S, S)                                         # the mask keeps its share
+    tP = _eps0(R_Ss, P) / 2                                           # the scale passes
+    R_q = q * (tP @ k)
+    R_k = k * (tP.transpose(0, 1, 3, 2) @ q)
+    merge = lambda a: a.transpose(0, 2, 1, 3).reshape(N, T, D)  # noqa: E731
+    R_x = sum(X * (_eps0(merge(R), X @ W) @ W.T) for R, W in ((R_q, Wq), (R_k, Wk), (R_v, Wv)))
+    assert np.all(np.isfinite(out.relevance))
+    np.testing.assert_allclose(out.relevance, R_x, rtol=1e-3, atol=1e-5 * np.abs(R_x).max())
+
+
+def test_fused_attention_refusals():
+    m, _ = _fused_net(mask=False)
+    with pytest.raises(UnsupportedModelError, match="attnlrp"):
+        lrponnx.convert(m)
+    att = next(n for n in m.graph.node if n.op_type == "Attention")
+    att.attribute.append(helper.make_attribute("is_causal", 1))
+    with pytest.raises(UnsupportedModelError, match="causal"):
+        lrponnx.convert(m, composite="attnlrp")

@@ -97,3 +97,14 @@ def test_torchvision_full_size(name, exporter, tmp_path):
     x, target = AM.images(1, 224), np.array([5])
     path = AM.export(model, torch.tensor(x), tmp_path / f"{name}.onnx", exporter, "x")
     _check(path, model, x, target, L.vision_relevance(model, x, target), "x")
+
+
+def test_small_vit_fused_attention(small_models, tmp_path):
+    """dynamo at opset 23 writes scaled_dot_product_attention as one ``Attention`` op."""
+    import onnx
+    import torch
+
+    x, target = AM.images(2), np.array([1, 4])
+    path = AM.export(small_models["vit"], torch.tensor(x), tmp_path / "vit23.onnx", "dynamo", "x", opset=23)
+    assert "Attention" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    _check(path, small_models["vit"], x, target, L.vision_relevance(small_models["vit"], x, target), "x")

@@ -28,6 +28,7 @@ constant (:mod:`.layernorm`), GELU/Tanh the identity (:mod:`.activations`).
 """
 from __future__ import annotations
 
+import numpy as np
 from onnx import TensorProto
 
 from ..units import Unit
@@ -170,3 +171,94 @@ def gather(ctx: Ctx, unit: Unit, R: str) -> dict:
     if _previous_gather is not None:
         return _previous_gather.fn(ctx, unit, R)
     raise Unsupported("no LRP rule for this Gather")
+
+
+# -- the fused Attention op (opset 23; PyTorch's dynamo exporter writes scaled_dot_product_attention so) --
+
+def _heads_4d(g, t: str, heads: int, hint: str) -> str:
+    """[B, S, H * d] -> [B, H, S, d]."""
+    split = g.op("Reshape", t, g.ints([0, 0, heads, -1]), hint=f"{hint}_heads")
+    return g.op("Transpose", split, perm=[0, 2, 1, 3], hint=hint)
+
+
+def _heads_3d(g, t: str, hint: str) -> str:
+    """[B, H, S, d] -> [B, S, H * d]."""
+    return g.op("Reshape", g.op("Transpose", t, perm=[0, 2, 1, 3]), g.ints([0, 0, -1]), hint=hint)
+
+
+@handler("Attention", rules=("attnlrp",))
+def fused_attention(ctx: Ctx, unit: Unit, R: str) -> dict:
+    """``Y = softmax(scale · Q Kᵀ + mask) V`` in one op: the same rules as its decomposed form
+    (uniform on ``A V`` and ``Q Kᵀ``, the softmax rule, the mask keeps its share), with ``scale · Q Kᵀ``
+    and the softmax recomputed in the relevance graph (the op does not output them)."""
+    if unit.rule is None:
+        raise Unsupported("a fused Attention: the AttnLRP rules apply with --composite attnlrp "
+                          "(or --rule NODE=attnlrp)")
+    node, view, g = unit.nodes[0], ctx.view, ctx.g
+    ins = list(node.input) + [""] * 7
+    q, k, v, mask = ins[0], ins[1], ins[2], ins[3]
+    if any(ins[4:7]):
+        raise Unsupported("an Attention with a key/value cache or padding lengths (past_key, past_value, "
+                          "nonpad_kv_seqlen)")
+    if any(o and view.consumers.get(o) for o in list(node.output)[1:]):
+        raise Unsupported("an Attention whose present_key/value or qk_matmul_output is used")
+    a = unit.info
+    if int(a.get("is_causal", 0)):
+        raise Unsupported("a causal Attention (is_causal=1)")
+    if float(a.get("softcap", 0.0)) != 0.0:
+        raise Unsupported("an Attention with softcap")
+    q_shape, k_shape = view.shape(q), view.shape(k)
+    if q_shape is None or k_shape is None or len(q_shape) not in (3, 4):
+        raise Unsupported("an Attention needs the ranks of Q and K (3 or 4)")
+    rank = len(q_shape)
+    if rank == 3:
+        hq, hk = int(a.get("q_num_heads", 0)), int(a.get("kv_num_heads", 0))
+        if not hq or hq != hk:
+            raise Unsupported("a 3-D Attention needs q_num_heads == kv_num_heads (grouped queries are not supported)")
+        if q_shape[2] is None:
+            raise Unsupported("a 3-D Attention needs the static hidden size")
+        head = q_shape[2] // hq
+        Q, K, V = (_heads_4d(g, t, hq, f"attn_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        Y, RY = _heads_4d(g, unit.output, hq, "attn_y"), _heads_4d(g, R, hq, "attn_ry")
+    else:
+        if q_shape[1] is not None and k_shape[1] is not None and q_shape[1] != k_shape[1]:
+            raise Unsupported("grouped-query Attention (fewer K/V heads than Q heads)")
+        if q_shape[3] is None:
+            raise Unsupported("an Attention needs the static head size")
+        head = q_shape[3]
+        Q, K, V, Y, RY = q, k, v, unit.output, R
+    scale = float(a["scale"]) if "scale" in a else 1.0 / float(np.sqrt(head))
+    KT = g.op("Transpose", K, perm=[0, 1, 3, 2], hint="attn_kT")
+    P = g.op("MatMul", Q, KT, hint="attn_qk")                          # Q Kᵀ
+    Ss = g.op("Mul", P, g.const(scale), hint="attn_scaled")
+    S = Ss
+    if mask:
+        if not (view.is_const(mask) or shape_only(view, mask)):
+            raise Unsupported("an Attention mask computed from activations")
+        if view.elem_type(mask) == TensorProto.BOOL:
+            m = g.op("Where", mask, g.const(0.0), g.const(float("-inf")), hint="attn_mask")
+        else:
+            m = mask if view.elem_type(mask) == TensorProto.FLOAT else g.op("Cast", mask, to=TensorProto.FLOAT)
+        S = g.op("Add", Ss, m, hint="attn_masked")
+    A = g.op("Softmax", S, axis=-1, hint="attn_probs")
+    # O = A V: uniform
+    t = g.op("Mul", ctx.stab_div(RY, Y, 0.0, hint="q_attn_av"), g.const(0.5), hint="t_attn_av")
+    R_A = g.op("Mul", A, g.op("MatMul", t, g.op("Transpose", V, perm=[0, 1, 3, 2])), hint="r_attn_a")
+    R_V = g.op("Mul", V, g.op("MatMul", g.op("Transpose", A, perm=[0, 1, 3, 2]), t), hint="r_attn_v")
+    # softmax rule at S; a mask keeps its share (eps 0), -inf positions give 0
+    total = g.op("ReduceSum", R_A, g.ints([-1]), keepdims=1)
+    R_S = g.op("Mul", S, g.op("Sub", R_A, g.op("Mul", A, total)), hint="r_attn_s")
+    if mask:
+        R_S = g.op("Where", g.op("IsInf", S), g.const(0.0), R_S)
+        R_S = g.op("Mul", Ss, ctx.stab_div(R_S, S, 0.0, hint="q_attn_mask"), hint="r_attn_unmasked")
+    # P = Q Kᵀ: uniform (the scale passes relevance unchanged)
+    tP = g.op("Mul", ctx.stab_div(R_S, P, 0.0, hint="q_attn_qk"), g.const(0.5), hint="t_attn_qk")
+    R_Q = g.op("Mul", Q, g.op("MatMul", tP, K), hint="r_attn_q")
+    R_K = g.op("Mul", K, g.op("MatMul", g.op("Transpose", tP, perm=[0, 1, 3, 2]), Q), hint="r_attn_k")
+    if rank == 3:
+        R_Q, R_K, R_V = _heads_3d(g, R_Q, "r_attn_q3"), _heads_3d(g, R_K, "r_attn_k3"), _heads_3d(g, R_V, "r_attn_v3")
+    out = {}
+    for name, r in ((q, R_Q), (k, R_K), (v, R_V)):
+        if name in view.dynamic and not shape_only(view, name):
+            out[name] = g.op("Add", out[name], r) if name in out else r
+    return out
