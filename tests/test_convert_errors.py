@@ -127,9 +127,10 @@ def test_output_must_be_batch_by_classes():
     m = small_cnn()
     m.graph.node[-1].output[0] = "logits"
     m.graph.node.append(helper.make_node("Reshape", ["logits", "shape"], ["output"], name="to3d"))
-    m.graph.initializer.append(numpy_helper.from_array(np.array([2, 5, 1], np.int64), "shape"))
+    # [N, K, 1] is a class map (accepted since issue 13); [N, 1, K] has no class axis at 1
+    m.graph.initializer.append(numpy_helper.from_array(np.array([2, 1, 5], np.int64), "shape"))
     del m.graph.output[:]
-    m.graph.output.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 5, 1]))
+    m.graph.output.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 1, 5]))
     with pytest.raises(UnsupportedModelError, match=r"\[batch, classes\]"):
         lrponnx.convert(m)
 
