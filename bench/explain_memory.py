@@ -6,7 +6,7 @@ maximum over every child so far). The issue's target: 3,000 peaks at <= 1.25x th
 
 Throughput (``--throughput``): the same model over N images, single-process (ONNX Runtime on every
 core) against ``--ray local`` (one node: actors of 1 CPU each, and one actor of every CPU). Ray's
-start-up is measured apart (a run of 8 images), so images/s is the steady rate:
+start-up is measured apart (the faster of two runs of 8 images), so images/s is the steady rate:
 (N - 8) / (T_N - T_8).
 
     .venv/bin/python bench/explain_memory.py                  # memory table
@@ -138,11 +138,11 @@ def throughput(work: Path, n: int) -> str:
     rows = []
     for name, extra in setups:
         times = {}
-        for k, folder in ((8, small), (n, images)):
+        for k, folder in ((8, small), (8, small), (n, images)):  # start-up: the faster of two runs
             out = work / "out"
             _, _, seconds = run(["explain", str(model), str(folder), "-o", str(out), *extra])
             shutil.rmtree(out)
-            times[k] = seconds
+            times[k] = min(seconds, times.get(k, seconds))
         rate = (n - 8) / max(1e-9, times[n] - times[8])
         rows.append((name, times[8], times[n], rate))
         print(f"{name}: 8 images {times[8]:.1f} s, {n} images {times[n]:.1f} s, {rate:.1f} images/s", flush=True)
@@ -161,7 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", default="300,3000", help="numbers of images (default 300,3000)")
     ap.add_argument("--throughput", action="store_true", help="measure images/s, single process vs Ray")
-    ap.add_argument("--images", type=int, default=600, help="images for --throughput (default 600)")
+    ap.add_argument("--images", type=int, default=1500, help="images for --throughput (default 1500)")
     ap.add_argument("--no-docs", action="store_true", help="print the table, do not write docs/scale.md")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lrponnx-bench-") as tmp:

@@ -675,6 +675,11 @@ def run_explain(args) -> int:
     job.check()
     engine = ChunkEngine(explainer, pre, target=args.target, cmap=args.cmap)
     ray_address = getattr(args, "ray", None)
+    ray_started = False
+    if ray_address:
+        from .scale import connect
+
+        ray_started = connect(ray_address)  # before anything is written: no cluster is a usage error
 
     from .cli import Terminated, _on_sigterm
 
@@ -729,6 +734,10 @@ def run_explain(args) -> int:
         job.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
     job.complete_rows(args.batch_size, engine.run)
     n_done, n_failed = job.finish(args.cmap)
     print(f"wrote {n_done} heatmap(s) to {out_dir}" +

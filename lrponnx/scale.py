@@ -49,6 +49,7 @@ def connect(address: str | None = "auto") -> bool:
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines would cut the progress bar
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would report usage over the network
+    _reachable(address)
     try:
         if address in (None, "local"):
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
@@ -56,11 +57,29 @@ def connect(address: str | None = "auto") -> bool:
         else:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except ConnectionError as e:
-        raise LrpOnnxError(f"--ray {address}: no Ray cluster found ({str(e).splitlines()[0] if str(e) else e}); "
-                           "start one with `ray start --head`, or use --ray local") from None
+        raise LrpOnnxError(f"Ray at {address!r}: no cluster found ({str(e).splitlines()[0] if str(e) else e}); "
+                           "start one with `ray start --head`, call ray.init() first, or use --ray local") from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     return True
+
+
+def _reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that does not answer is refused at once: Ray itself would
+    retry for minutes, deaf to Ctrl-C."""
+    import socket
+
+    if address in (None, "auto", "local"):
+        return
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LrpOnnxError(f"Ray address {address!r}: give HOST:PORT, ray://HOST:PORT, 'auto' or 'local'")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise LrpOnnxError(f"Ray at {address!r} does not answer ({e.strerror or e}); is the cluster running "
+                           "(`ray start --head`)?") from None
 
 
 @dataclass

@@ -109,6 +109,13 @@ def _wrong_shape_npy(tmp, model):
     return [model, str(tmp / "in" / "wrong.npy"), str(tmp / "in" / "g0.jpg"), "-o", str(tmp / "out")]
 
 
+def _ray_nobody_home(tmp, model):
+    # loopback port 1: nothing listens; refused at once (Ray itself would retry for minutes), or
+    # "Ray is not installed" where it is absent: either way one line and nothing written
+    _images(tmp / "in", 2)
+    return [model, str(tmp / "in"), "-o", str(tmp / "out"), "--ray", "127.0.0.1:1"]
+
+
 CASES = [
     ("-o onto an existing file", _out_is_file, 2, "is not a folder", "absent"),
     ("-o under a regular file", _out_under_file, 2, "is a file", "absent"),
@@ -126,6 +133,7 @@ CASES = [
     ("--batch-size -4", _batch("-4"), 2, "--batch-size", "absent"),
     ("a missing input", _missing_input, 2, "does not exist", "absent"),
     ("a .npy of the wrong shape fails as an item", _wrong_shape_npy, 3, "the model expects [3,32,32]", "results"),
+    ("--ray at an address where nothing listens", _ray_nobody_home, 2, "Ray", "absent"),
 ]
 
 
