@@ -87,11 +87,17 @@ def fold_shape_computations(sk: onnx.ModelProto, max_rounds: int = 64) -> int:
     shape inference between rounds. Returns the number of inputs replaced by constants."""
     total = 0
     for _ in range(max_rounds):
-        changed = _fold_once(sk)
-        if not changed:
+        before = onnx.GraphProto()
+        before.CopyFrom(sk.graph)
+        try:
+            changed = _fold_once(sk)
+            if not changed:
+                break
+            inferred = onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=False, data_prop=True)
+        except Exception:  # never worse than not folding: keep the last graph that inferred cleanly
+            sk.graph.CopyFrom(before)
             break
         total += changed
-        inferred = onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=False, data_prop=True)
         sk.graph.CopyFrom(inferred.graph)
     return total
 

@@ -448,7 +448,7 @@ class Shuffle(nn.Module):
         return self.fc(feats)
 
 
-def export(model: nn.Module, dynamo: bool, size: int = 8, dynamic_hw: bool = False) -> onnx.ModelProto:
+def export(model: nn.Module, dynamo: bool, size: int = 8, dynamic_hw: bool = False, opset: int = 17) -> onnx.ModelProto:
     x = torch.randn(2, 3, size, size)
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -459,7 +459,7 @@ def export(model: nn.Module, dynamo: bool, size: int = 8, dynamic_hw: bool = Fal
                                      dynamic_shapes={"x": dims}, verbose=False)
             return prog.model_proto
         axes = {0: "N", 2: "H", 3: "W"} if dynamic_hw else {0: "N"}
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=["x"],
                           output_names=["logits"], dynamic_axes={"x": axes, "logits": {0: "N"}})
     return onnx.load_from_string(buf.getvalue())
 
@@ -472,14 +472,17 @@ def gradient_times_input(model: nn.Module, x: np.ndarray, target: np.ndarray) ->
     return (xt * grad).detach().numpy()
 
 
-LRP0 = ["Conv=epsilon:epsilon=0", "LayerNormalization=epsilon:epsilon=0"]
+LRP0 = ["Conv=epsilon:epsilon=0"]  # LayerNorm and MatMul take --epsilon (0 here) by default
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-def test_end_to_end_lrp0_is_gradient_times_input(dynamo):
+@pytest.mark.parametrize("dynamo,opset", [(False, 17), (False, 16), (True, 18)],
+                         ids=["torchscript", "torchscript-opset16-decomposed-layernorm", "dynamo"])
+def test_end_to_end_lrp0_is_gradient_times_input(dynamo, opset):
     torch.manual_seed(0)
     net = Shuffle().eval()
-    model = export(net, dynamo)
+    model = export(net, dynamo, opset=opset)
+    kinds = {u.kind for u in plan(model).units}
+    assert ("LayerNorm" if opset == 16 else "LayerNormalization") in kinds  # opset 16: written out
     ref_net = Shuffle(detach_sigma=True).eval()
     ref_net.load_state_dict(net.state_dict())
     x = data((3, 3, 8, 8), 9)   # a batch size the export never saw
