@@ -11,6 +11,7 @@ exporters.
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 import warnings
@@ -550,6 +551,46 @@ def test_symbolic_spatial_size_asks_for_input_shape_and_converts_with_it(tmp_pat
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad.onnx").exists()
+
+
+class PadSame(nn.Module):
+    """TensorFlow-style "same" padding computed from the input's size (as timm's ``pad_same``):
+    the exporters write the pads as a computation on ``Shape(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, bias=False)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        pad_h = max((math.ceil(ih / 2) - 1) * 2 + 3 - ih, 0)
+        pad_w = max((math.ceil(iw / 2) - 1) * 2 + 3 - iw, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize("dynamic_hw", [False, True])
+def test_pads_computed_from_the_input_size_are_folded(dynamic_hw):
+    net = PadSame().eval()
+    model = export(net, dynamo=False, dynamic_hw=dynamic_hw)
+    pad = next(n for n in model.graph.node if n.op_type == "Pad")
+    assert not any(t.name == pad.input[1] for t in model.graph.initializer)  # computed at run time
+    kw = {}
+    if dynamic_hw:
+        with pytest.raises(UnsupportedModelError, match="pads computed at run time.*--input-shape"):
+            convert(model)
+        kw = {"input_shape": "N,3,8,8"}
+    out = explain_layers(model, data((2, 3, 8, 8), 4), **kw)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(data((2, 3, 8, 8), 4))).numpy()
+    np.testing.assert_allclose(out["logits"], ref, rtol=1e-5, atol=1e-6)
+    name = next(k for k in out if k.startswith("lrp_out/") and "Pad" in k)
+    R_y = out[name].astype(np.float64)
+    ref_x = R_y[:, :, 0:8, 0:8]  # "same" padding for 8 -> 4 at stride 2: one zero row/column after
+    assert R_y.shape[2:] == (9, 9)
+    check("Pad (run-time pads, folded)", out[name.replace("lrp_out/", "lrp_in/") + "/x"], ref_x)
 
 
 def test_the_hint_is_not_given_when_the_input_is_already_static():
