@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Explain inputs in batches, writing heatmaps as they are made. A bad input "
                        "is reported and skipped. Running the same command again after an interruption "
                        "finishes the job (state in OUT/.lrponnx-explain). Exit codes: 0 all explained, "
-                       "3 some inputs failed (see OUT/summary.json), 2 nothing done (a usage error).")
+                       "3 some inputs failed (see OUT/summary.json), 2 nothing done (a usage error), "
+                       "130/143 stopped by Ctrl-C/SIGTERM (run it again to finish). See docs/scale.md.")
     p.add_argument("model", help="an explainer, or a plain model (compiled on the fly)")
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or .npy arrays")
     p.add_argument("-o", "--output", required=True, help="output folder")
