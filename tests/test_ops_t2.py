@@ -121,6 +121,7 @@ SLICES = [  # (starts, ends, axes, steps) and the numpy index of the same slice 
     ([0, -3], [6, 100], [1, 3], [2, 1], (slice(None), slice(0, 6, 2), slice(None), slice(-3, None))),
     ([4, 6], [0, -100], [2, 3], [-1, -2], (slice(None), slice(None), slice(4, 0, -1), slice(6, None, -2))),
     ([-2], [-1], [-1], [1], (slice(None), slice(None), slice(None), slice(-2, -1))),
+    ([0, 1], [2**63 - 1, 3], [0, 2], [1, 1], (slice(None), slice(None), slice(1, 3))),  # all of the batch axis
 ]
 
 

@@ -131,6 +131,8 @@ def slice_indices(starts, ends, axes, steps, shape, hint: str = "") -> dict[int,
         a = a + rank if a < 0 else a
         if st == 0:
             raise Unsupported("a Slice step of 0")
+        if st == 1 and s in (0, -_INT64_MAX - 1) and e >= 2**31 - 1:
+            continue  # the whole axis (``x[:, ...]`` written out by an exporter): nothing to scatter
         d = shape[a]
         if d is None:
             raise Unsupported(f"needs the static size of sliced axis {a}" + hint)
