@@ -201,6 +201,46 @@ _BLOB_GRADIENT_FIELDS = {6, 9}
 _RAW_DTYPES = {0: np.dtype("<f8"), 1: np.dtype("<f4"), 2: np.dtype("<f2")}  # NVIDIA Caffe's Type enum
 
 
+def _repeated_values(bp, number: int, container, dtype: str) -> np.ndarray:
+    """A packed repeated float/double field of ``bp`` as an array, read from the message's own
+    serialisation (one C call) instead of a Python float per value (12 s for AlexNet's 61 M)."""
+    raw = bp.SerializeToString()
+    i, n = 0, len(raw)
+
+    def varint() -> int:
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = raw[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+
+    while i < n:
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size = varint()
+            if key >> 3 == number:
+                # copied as bytes first: a cast from an unaligned view is an element-by-element loop
+                arr = np.frombuffer(raw, dtype=np.uint8, count=size, offset=i).copy().view(dtype)
+                if arr.size == len(container):
+                    return arr
+                break
+            i += size
+        else:
+            break
+    return np.array(container, dtype=np.dtype(dtype).newbyteorder("="))  # not one packed run: the slow way
+
+
 def _blob_from_proto(bp, where: str) -> _Blob:
     odd = [n for n in cpb.unknown_field_numbers(bp) if n not in _BLOB_GRADIENT_FIELDS]
     if odd:
@@ -221,10 +261,10 @@ def _blob_from_proto(bp, where: str) -> _Blob:
         with np.errstate(over="ignore", invalid="ignore"):
             data = np.frombuffer(bp.raw_data, dtype=dt).astype(np.float32)
     elif len(bp.data):
-        data = np.array(bp.data, dtype=np.float32)
+        data = _repeated_values(bp, 5, bp.data, "<f4").astype(np.float32, copy=False)
     elif len(bp.double_data):
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: caught later
-            data = np.array(bp.double_data, dtype=np.float64).astype(np.float32)
+            data = _repeated_values(bp, 8, bp.double_data, "<f8").astype(np.float32)
     else:
         data = np.zeros(0, dtype=np.float32)
     if bp.HasField("shape"):
@@ -1612,6 +1652,8 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
             f" (+ random seed {random_weights} for {len(random_used)} layer(s))" if random_used else "")
     props["lrponnx.source"] = f"caffe: {Path(prototxt).name}"
     helper.set_model_props(model, props)
+    if _blobs_out is not None:  # random_caffemodel wants the weights only; its file is checked when read
+        return model
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
