@@ -813,6 +813,45 @@ def test_unknown_prototxt_fields_are_refused_by_name_all_at_once(tmp_path):
     assert [o.name for o in convert(r, random_weights=0).graph.output] == ["r"]
 
 
+def test_unknown_field_scan_agrees_with_protobufs_strict_parser():
+    """Mutated field names in the fixtures (and public nets): whenever protobuf's lenient parse
+    succeeds, the scan finds no unknown field exactly when the strict parser accepts the text,
+    and it names the mutated field. So the converter never drops a field the scan missed."""
+    import random
+
+    from google.protobuf import text_format
+
+    from lrponnx.converters.caffe import proto
+    rng = random.Random(13)
+    files = sorted(FIXTURES.glob("*.prototxt")) + sorted((SHARED / "caffe_public").glob("*.prototxt"))
+    texts = [f.read_text(errors="replace") for f in files]
+    texts = [t for t in texts if not proto.scan_unknown_fields(t)]  # unsupported.prototxt has its own
+    known = sorted({f.name for m in proto._POOL.FindFileByName(proto.NetParameter.DESCRIPTOR.file.name)
+                    .message_types_by_name.values() for f in m.fields})
+    checked = 0
+    for _ in range(300):
+        text = rng.choice(texts)
+        names = list(re.finditer(r"\b([a-z_][a-z0-9_]*)(?=\s*[:{<])", text))
+        m = rng.choice(names)
+        new = rng.choice([m.group(1) + "x", rng.choice(known), "ceil_mode", "offsets"])
+        mutated = text[:m.start()] + new + text[m.end():]
+        try:
+            proto.parse_prototxt(mutated)
+        except proto.ProtoError:
+            continue
+        try:
+            text_format.Parse(mutated, proto.NetParameter())
+            strict_ok = True
+        except text_format.ParseError:
+            strict_ok = False
+        unknown = proto.scan_unknown_fields(mutated)
+        assert strict_ok == (not unknown), (new, m.group(1), unknown)
+        if unknown:
+            assert any(u.path.split(".")[-1] == new for u in unknown), (new, unknown)
+        checked += 1
+    assert checked > 150
+
+
 def test_training_only_fields_of_real_nets_parse(tmp_path):
     """V1 and V2 training fields (blobs_lr, weight_decay, param, fillers, engine) are known, not unknown."""
     from lrponnx.converters.caffe import proto
