@@ -287,17 +287,29 @@ def _reshape_target(node, value, mask, shapes, syms: _Symbols) -> np.ndarray | N
     return value
 
 
+def _read_names(nodes) -> set[str]:
+    """Every tensor name the nodes read, also from inside their subgraphs (If/Loop bodies)."""
+    names = set()
+    for n in nodes:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                names |= _read_names(sub.node) | {o.name for o in sub.output}
+    return names
+
+
 def _drop_dead(g: onnx.GraphProto) -> None:
     """Remove nodes whose outputs nobody reads (the shape computations just replaced)."""
     outputs = {o.name for o in g.output}
     while True:
-        used = {i for n in g.node for i in n.input} | outputs
+        used = _read_names(g.node) | outputs
         keep = [n for n in g.node if any(o in used for o in n.output if o) or not any(n.output)]
         if len(keep) == len(g.node):
             break
         del g.node[:]
         g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | outputs
+    used = _read_names(g.node) | outputs
     for i in reversed(range(len(g.initializer))):
         name = g.initializer[i].name
         if name.endswith("__static") or "__static" in name:
