@@ -305,7 +305,8 @@ def test_round_mode_floor_equals_opencvs_ceil_mode_false(tmp_path):
     fork = FIXTURES / "ceil_mode.prototxt"
     text = fork.read_text()
     bvlc = tmp_path / "round_mode.prototxt"
-    bvlc.write_text(text.replace("ceil_mode: false", "round_mode: FLOOR").replace("ceil_mode: true", "round_mode: CEIL"))
+    bvlc.write_text(text.replace("ceil_mode: false", "round_mode: FLOOR")
+                    .replace("ceil_mode: true", "round_mode: CEIL"))
     assert "ceil_mode:" not in bvlc.read_text() and "round_mode: FLOOR" in bvlc.read_text()
     cm = tmp_path / "w.caffemodel"
     cm.write_bytes(random_caffemodel(fork, SEED))
@@ -348,7 +349,7 @@ def test_fp16_raw_data_blobs_match_opencv(tmp_path):
     net = cv2.dnn.readNetFromCaffe(str(proto), str(cm))
     net.setInput(x)
     ref = net.forward("fc")
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["fc"], {"data": x})[0]
+    got = run_ort(model, x, ["fc"])[0]
     assert rel_l2(got, ref) <= TOL
 
 

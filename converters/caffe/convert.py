@@ -1353,7 +1353,7 @@ def _unknown_offender(L: _Layer, fields: list[cpb.UnknownField]) -> Offender:
                                     "Caffe's caffe.proto nor a fork field lrponnx honours; refused rather than ignored")
 
 
-def _refuse_unknown_net_fields(net, unknown: list[cpb.UnknownField], name: str) -> None:
+def _refuse_unknown_net_fields(unknown: list[cpb.UnknownField], name: str) -> None:
     """Fields outside any layer entry that the schema does not know: refused, all at once."""
     top = [u for u in unknown if u.entry is None]
     if top:
@@ -1381,7 +1381,7 @@ def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = 
 
     net, unknown = _load_prototxt_checked(prototxt)
     layers = _layers_of(net)
-    _refuse_unknown_net_fields(net, unknown, Path(prototxt).name)
+    _refuse_unknown_net_fields(unknown, Path(prototxt).name)
     unknown_by_entry: dict[int, list[cpb.UnknownField]] = {}
     for u in unknown:
         if u.entry is not None:
@@ -1679,10 +1679,11 @@ def _blob_bytes(a: np.ndarray) -> bytes:
 
 
 def random_caffemodel(prototxt: str | os.PathLike, seed: int, *, input_shape=None) -> bytes:
-    """The bytes of a binary ``.caffemodel`` (a V2 ``layer`` entry for each converted layer: name,
-    type and its shaped float blobs, if any) holding exactly the weights ``convert(prototxt, random_weights=seed)`` builds, in Caffe's own
-    layout (BatchNorm's three blobs, the Scale layer after it separately). Caffe, OpenCV's dnn
-    module or this converter can load it: converting with it equals converting with the seed."""
+    """The bytes of a binary ``.caffemodel`` holding exactly the weights that
+    ``convert(prototxt, random_weights=seed)`` builds: a V2 ``layer`` entry per converted layer
+    (name, type, its shaped float blobs, if any), in Caffe's own layout (BatchNorm's three blobs,
+    the Scale layer after it separately). OpenCV's dnn module and this converter read it (tested);
+    converting with it equals converting with the seed."""
     blobs: dict[str, tuple[str, list[np.ndarray]]] = {}
     convert(prototxt, random_weights=seed, input_shape=input_shape, _blobs_out=blobs)
     net = cpb.NetParameter(name=Path(prototxt).stem)
