@@ -725,6 +725,19 @@ def test_ceil_mode_false_pools_with_floor_rounding(tmp_path, hw):
     assert ref["max_k2s2_ceil"].shape[2:] == (-(-(H - 2) // 2) + 1, -(-(W - 2) // 2) + 1)
 
 
+def test_ceil_mode_false_gives_the_authors_56x56(tmp_path):
+    """The issue's case: a ResNet stem pool (k3 s2 p1) on 112x112 is 56x56 with ceil_mode: false;
+    Caffe's default ceil rounding gives 57x57, which is what dropping the field produced."""
+    def out(extra):
+        p = tmp_path / "stem.prototxt"
+        p.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 64 dim: 112 '
+                     'dim: 112 } } }\nlayer { name: "pool1" type: "Pooling" bottom: "data" top: "pool1" '
+                     f'pooling_param {{ pool: MAX kernel_size: 3 stride: 2 pad: 1 {extra} }} }}\n')
+        return [d.dim_value for d in convert(p, random_weights=0).graph.output[0].type.tensor_type.shape.dim[2:]]
+    assert out("ceil_mode: false") == out("round_mode: FLOOR") == [56, 56]
+    assert out("") == out("ceil_mode: true") == [57, 57]
+
+
 def test_round_mode_and_ceil_mode_are_one_setting(tmp_path):
     text = (FIXTURES / "ceil_mode.prototxt").read_text()
     bvlc = tmp_path / "round.prototxt"
