@@ -865,6 +865,20 @@ def test_unknown_field_scan_agrees_with_protobufs_strict_parser():
     assert checked > 150
 
 
+def test_unknown_fields_are_refused_even_if_the_scan_fails(tmp_path, monkeypatch):
+    """Fail closed: should the walker break on some text, protobuf's strict parser decides."""
+    from lrponnx.converters.caffe import proto
+
+    def broken(text):
+        raise IndexError("walker bug")
+    monkeypatch.setattr(proto, "scan_unknown_fields", broken)
+    p = _tiny(tmp_path, 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" relu_param { slope: 1 } }\n')
+    with pytest.raises(InvalidModelError, match='no field named "slope"'):
+        convert(p, random_weights=0)
+    ok = _tiny(tmp_path, 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n')
+    assert [o.name for o in convert(ok, random_weights=0).graph.output] == ["r"]
+
+
 def test_training_only_fields_of_real_nets_parse(tmp_path):
     """V1 and V2 training fields (blobs_lr, weight_decay, param, fillers, engine) are known, not unknown."""
     from lrponnx.converters.caffe import proto

@@ -506,7 +506,7 @@ def parse_prototxt_checked(text: str):
     parser is used, so an unknown field is never dropped: it becomes a :class:`ProtoError`."""
     try:
         unknown = scan_unknown_fields(text)
-    except ProtoError:
+    except Exception:  # noqa: BLE001 - whatever stops the walker, the strict parser below decides
         unknown = None
     net = parse_prototxt(text)
     if unknown is None:
