@@ -248,11 +248,14 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float = 
     def part(Wa, Wb, bias, key_a, key_b):
         """``x+ (Wa^T q) + x- (Wb^T q)`` with ``q = R / stab(Wa x+ + bias + Wb x-)``.
         (Not ``W- x + b- = z - p``: that difference cancels badly where it is the denominator.)"""
-        if xn is None and epsilon > 0:
-            # After a ReLU (no x-) the sign of W+ x + b+ (>= 0) or W- x + b- (<= 0) is known, so the
-            # stabiliser is a constant: it goes into the bias and the divide reads the conv directly.
-            # (Where d = 0 every term of the sum is 0, so the sign of eps there changes nothing.)
+        if epsilon > 0:
+            # The sign of d is known: W+ x+ + b+ + W- x- >= 0 ("pos") and W- x+ + b- + W+ x- <= 0
+            # ("neg"), every term having that sign; so the stabiliser is a constant: it goes into the
+            # bias and the divide reads the sum directly, no sign test. (Where d = 0 every term of the
+            # sum is 0, so the sign of eps there changes nothing.)
             d = ops.forward(xp, key_a, Wa, bias + (epsilon if key_a == "pos" else -epsilon))
+            if xn is not None:
+                d = g.op("Add", d, ops.forward(xn, key_b, Wb, None))
             q = g.op("Div", R, d, hint="q")
         else:
             d = ops.forward(xp, key_a, Wa, bias)
