@@ -247,8 +247,16 @@ def write_markdown(res: dict, out: Path) -> None:
         "epsilon-gamma-box`; `python bench/onnx_to_torch.py M.onnx` (torch vs ORT forward).")
     add("- GPU: `bash bench/gpu/run_gpu.sh` on a CUDA machine (see the script's header).")
     add("")
+    old = out.read_text() if out.exists() else ""
+    if KEEP in old:  # sections other benchmarks write (bench/attnlrp.py) stay as they are
+        add(old[old.index(KEEP):].rstrip("\n"))
+        add("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(L))
+
+
+#: below this line docs/benchmarks.md holds sections written by other scripts; re-rendering keeps them
+KEEP = "<!-- below: sections written by other benchmarks (report.py keeps them) -->"
 
 
 if __name__ == "__main__":

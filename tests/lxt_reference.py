@@ -156,7 +156,8 @@ def vision_relevance(model, x: np.ndarray, target: np.ndarray, dtype=None) -> tu
     return R, logits.detach().numpy()[np.arange(len(target)), target]
 
 
-def bert_relevance(hf_model, ids: np.ndarray, target: np.ndarray, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+def bert_relevance(hf_model, ids: np.ndarray, target: np.ndarray, dtype=None,
+                   attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(token relevance [N, T], target logits [N]) of a ``BertForSequenceClassification`` under AttnLRP,
     computed by LXT's own AttnLRP BERT (same weights), as its README does: relevance
     ``(inputs_embeds * grad).sum(-1)``."""
@@ -172,7 +173,8 @@ def bert_relevance(hf_model, ids: np.ndarray, target: np.ndarray, dtype=None) ->
     with lxt_patched([(nn.LayerNorm, "forward", layer_norm_forward, False),
                       (nn.Dropout, "forward", dropout_forward, False)]):
         emb = m.get_input_embeddings()(ids_t).detach().requires_grad_(True)
-        logits = m(inputs_embeds=emb).logits
+        mask = None if attention_mask is None else torch.tensor(attention_mask, dtype=torch.long)
+        logits = m(inputs_embeds=emb, attention_mask=mask).logits
         logits.gather(1, torch.tensor(target, dtype=torch.long).reshape(-1, 1)).sum().backward()
     R = (emb * emb.grad).sum(-1).detach().numpy()
     return R, logits.detach().numpy()[np.arange(len(target)), target]

@@ -124,7 +124,8 @@ def uniform_matmul(ctx: Ctx, unit: Unit, R: str) -> dict:
         out[a] = ctx.unbroadcast(g.op("Mul", a, ga, hint="r_uniform_a"), a, o_shape[:-2] + a_shape[-2:] if known else None)
     if b in ctx.view.dynamic and not shape_only(ctx.view, b):
         gb = g.op("MatMul", _swap_last(g, a, ra, "aT"), t, hint="g_uniform_b")  # [.., K, N] like B
-        out[b] = ctx.unbroadcast(g.op("Mul", b, gb, hint="r_uniform_b"), b, o_shape[:-2] + b_shape[-2:] if known else None)
+        rb_ = ctx.unbroadcast(g.op("Mul", b, gb, hint="r_uniform_b"), b, o_shape[:-2] + b_shape[-2:] if known else None)
+        out[b] = g.op("Add", out[b], rb_, hint="r_uniform_same") if b in out else rb_  # x @ x: both halves
     return out
 
 
