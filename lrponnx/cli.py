@@ -112,7 +112,7 @@ def cmd_explain(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output)
+    return run_demo(args.output, getattr(args, "model", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="explain bundled sample photos with the bundled model")
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--model", default=None, help="a bundled zoo model explained beside the CNN "
+                   "(vit-cifar10: AttnLRP heatmaps of a small ViT)")
     p.set_defaults(func=cmd_demo)
 
     for register in _plugins():

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
             if args.epochs is not None:
                 opts["epochs"] = args.epochs
             entry = registry.get(args.name)
-            allowed = {"cifar10-lrn": {"retrain", "seed", "epochs"}}.get(entry.name, set())
+            allowed = {"cifar10-lrn": {"retrain", "seed", "epochs"},
+                       "vit-cifar10": {"retrain", "seed", "epochs"}}.get(entry.name, set())
             if entry.name.startswith("bvlc-"):
                 allowed = {"seed"}
             bad = sorted(set(opts) - allowed)

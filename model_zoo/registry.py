@@ -2,11 +2,12 @@
 
     >>> from lrponnx.model_zoo import registry
     >>> [e.name for e in registry.list_models()]
-    ['cifar10-lrn', 'cifar10-full-caffe', 'bvlc-alexnet', 'bvlc-caffenet', 'bvlc-googlenet']
+    ['cifar10-lrn', 'cifar10-full-caffe', 'bvlc-alexnet', 'bvlc-caffenet', 'bvlc-googlenet', 'vit-cifar10']
     >>> registry.build("cifar10-lrn", "out")          # copies the bundled, checksum-verified file
     PosixPath('out/cifar10-lrn.onnx')
 
-Only ``cifar10-lrn`` is bundled (``model_zoo/cifar10_lrn.onnx``); the other recipes need the shared
+``cifar10-lrn`` and ``vit-cifar10`` are bundled (``model_zoo/cifar10_lrn.onnx``, ``model_zoo/vit_cifar10.onnx``,
+a small ViT for the ``attnlrp`` composite); the other recipes need the shared
 data folder (``../shared/data``, or ``$LRPONNX_SHARED_DATA``) and the Caffe converter.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 CARDS = HERE / "cards"
 CHECKSUMS = HERE / "checksums.json"
 BUNDLED = "cifar10_lrn.onnx"
+VIT_BUNDLED = "vit_cifar10.onnx"  # issue 14: a small ViT, explained with the attnlrp composite
 
 
 class UnknownModelError(LrpOnnxError):
@@ -96,6 +98,34 @@ def _build_cifar10_lrn(out_dir: Path, *, retrain: bool = False, seed: int | None
     return out
 
 
+def bundled_path(name: str) -> Path:
+    """The checksum-verified bundled ONNX file of zoo model ``name``."""
+    files = {"cifar10-lrn": BUNDLED, "vit-cifar10": VIT_BUNDLED}
+    if name not in files:
+        raise UnknownModelError(f"{name!r} is not bundled; bundled: {', '.join(files)}")
+    return verify_bundled(HERE / files[name])
+
+
+def _build_vit_cifar10(out_dir: Path, *, retrain: bool = False, seed: int | None = None,
+                       epochs: int | None = None, log=print) -> Path:
+    out = Path(out_dir) / "vit-cifar10.onnx"
+    if not retrain:
+        if seed is not None or epochs is not None:
+            raise LrpOnnxError("seed/epochs only apply with retrain=True (--retrain)")
+        src = bundled_path("vit-cifar10")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if src.resolve() != out.resolve():
+            shutil.copyfile(src, out)
+        return out
+    from .vit_cifar10 import TrainConfig, train
+
+    defaults = TrainConfig()
+    cfg = TrainConfig(seed=defaults.seed if seed is None else seed, epochs=defaults.epochs if epochs is None else epochs)
+    _, report = train(cfg, out=out, log=log)
+    (Path(out_dir) / "vit-cifar10.train.json").write_text(json.dumps(report, indent=1))
+    return out
+
+
 def _build_bvlc(name: str) -> Callable[..., Path]:
     def build(out_dir: Path, *, seed: int | None = None, log=print) -> Path:
         from .caffe_recipes import DEFAULT_SEED, build_bvlc
@@ -126,6 +156,8 @@ _ENTRIES = [
     Entry("bvlc-googlenet", "BVLC GoogLeNet architecture (ACROSS_CHANNELS LRN), UNTRAINED random weights",
           trained=False, bundled=False, needs_shared_data=True, needs_converter=True,
           builder=_build_bvlc("bvlc-googlenet")),
+    Entry("vit-cifar10", "CIFAR-10 Vision Transformer (4 blocks, 4x4 patches), trained by our recipe (bundled; attnlrp)",
+          trained=True, bundled=True, needs_shared_data=False, needs_converter=False, builder=_build_vit_cifar10),
 ]
 
 

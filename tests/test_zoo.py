@@ -49,7 +49,8 @@ def test_sample():
 
 def test_registry_lists_all_entries_with_cards():
     names = [e.name for e in registry.list_models()]
-    assert names == ["cifar10-lrn", "cifar10-full-caffe", "bvlc-alexnet", "bvlc-caffenet", "bvlc-googlenet"]
+    assert names == ["cifar10-lrn", "cifar10-full-caffe", "bvlc-alexnet", "bvlc-caffenet", "bvlc-googlenet",
+                     "vit-cifar10"]
     for e in registry.list_models():
         card = e.card()
         assert card.startswith(f"# {e.name}"), e.name

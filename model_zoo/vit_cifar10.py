@@ -1,0 +1,185 @@
+"""``vit-cifar10``: a small Vision Transformer trained on CIFAR-10 in a few minutes on the CPU.
+
+torchvision's ``VisionTransformer`` (32x32 input, 4x4 patches = 64 tokens + a class token, 3
+encoder blocks of width 48 with 3 heads, MLP 96, GELU, LayerNorm), trained from scratch on the
+shared ``cifar10_train_jpeg.tar.gz`` (random crop + flip, AdamW, one-cycle schedule) and exported
+with PyTorch's TorchScript exporter (opset 17, dynamic batch). Its explainer uses the ``attnlrp``
+composite (AttnLRP, Achtibat et al. 2024): ``lrponnx demo --model vit-cifar10``.
+
+    python -m lrponnx.model_zoo.vit_cifar10 --epochs 4 -o model_zoo/vit_cifar10.onnx
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ._shared import CIFAR10_CLASSES, onnx_accuracy
+
+NAME = "vit-cifar10"
+COMPOSITE = "attnlrp"
+
+
+@dataclass(frozen=True)
+class Arch:
+    image_size: int = 32
+    patch_size: int = 4
+    num_layers: int = 3
+    num_heads: int = 3
+    hidden_dim: int = 48
+    mlp_dim: int = 96
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    pct_start: float = 0.2
+    threads: int = 2
+    limit: int | None = None  # train on the first `limit` images only (smoke tests)
+    arch: Arch = field(default_factory=Arch)
+
+
+def build_torch_model(arch: Arch = Arch()):
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=arch.image_size, patch_size=arch.patch_size,
+                                                num_layers=arch.num_layers, num_heads=arch.num_heads,
+                                                hidden_dim=arch.hidden_dim, mlp_dim=arch.mlp_dim, num_classes=10)
+
+
+def export_onnx(net, arch: Arch, mean: list[float], std: list[float], extra_meta: dict | None = None) -> onnx.ModelProto:
+    """TorchScript export (opset 17, dynamic batch) with the zoo's metadata (preprocessing, classes)."""
+    import contextlib
+    import io
+    import tempfile
+    import warnings
+
+    import torch
+    from onnx import helper
+
+    net = net.eval()
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, arch.image_size, arch.image_size),), f"{d}/m.onnx",
+                          input_names=["data"], output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"data": {0: "N"}, "logits": {0: "N"}})
+        model = onnx.load(f"{d}/m.onnx")
+    model.producer_name, model.producer_version = "lrponnx.model_zoo", "1"
+    model.doc_string = f"{NAME}: a small ViT trained on CIFAR-10 by lrponnx.model_zoo.vit_cifar10 (explain with attnlrp)"
+    prep = {"input": "data", "channel_order": "rgb", "pixel_scale": 255.0, "mean": [float(np.float32(m)) for m in mean],
+            "std": [float(np.float32(s)) for s in std], "scale": 1.0, "size": [arch.image_size] * 2, "embedded": False}
+    meta = {"lrponnx.preprocessing": json.dumps(prep), "lrponnx.zoo": NAME, "lrponnx.classes": json.dumps(CIFAR10_CLASSES),
+            "lrponnx.composite": COMPOSITE, "lrponnx.patch_size": str(arch.patch_size)}
+    meta.update(extra_meta or {})
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def train(config: TrainConfig | None = None, *, out: str | Path | None = None, train_data=None, eval_test: bool = True,
+          log=print) -> tuple[onnx.ModelProto, dict]:
+    """Train, export and (optionally) measure the accuracy on the shared 1,000-image test sample."""
+    import torch
+    import torch.nn.functional as F
+
+    from .cifar10_lrn import load_test_sample, load_train_set
+
+    cfg = config or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    images, labels = train_data if train_data is not None else load_train_set(limit=cfg.limit)
+    if cfg.limit is not None:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+    t_data = time.perf_counter() - t0
+    mean = images.reshape(-1, 3).mean(0, dtype=np.float64).astype(np.float32)
+    std = images.reshape(-1, 3).std(0, dtype=np.float64).astype(np.float32)
+    log(f"[{NAME}] {len(images)} training images decoded in {t_data:.1f}s")
+    pad, size = 4, cfg.arch.image_size
+    cache = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    mean_t = torch.from_numpy(mean).reshape(1, 3, 1, 1)
+    inv_std_t = torch.from_numpy(1.0 / std).reshape(1, 3, 1, 1)
+    labels_t = torch.from_numpy(labels)
+
+    net = build_torch_model(cfg.arch)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(images) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps,
+                                                pct_start=cfg.pct_start)
+    t1 = time.perf_counter()
+    history = []
+    for epoch in range(cfg.epochs):
+        net.train()
+        perm = rng.permutation(len(images))
+        offs = rng.integers(0, 2 * pad + 1, size=(len(images), 2))
+        flips = rng.random(len(images)) < 0.5
+        tot_loss, tot_ok, seen = 0.0, 0, 0
+        for s in range(steps):
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            xp = F.pad((cache[idx].float() - mean_t) * inv_std_t, (pad, pad, pad, pad))
+            xb = torch.stack([xp[j, :, offs[i, 0]:offs[i, 0] + size, offs[i, 1]:offs[i, 1] + size]
+                              for j, i in enumerate(idx)])
+            fl = torch.from_numpy(flips[idx])
+            xb[fl] = xb[fl].flip(3)
+            yb = labels_t[idx]
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tot_loss += loss.item() * len(idx)
+            tot_ok += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+        history.append({"epoch": epoch + 1, "loss": round(tot_loss / seen, 4), "train_acc": round(tot_ok / seen, 4),
+                        "elapsed_s": round(time.perf_counter() - t1, 1)})
+        log(f"[{NAME}] epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.4f} train acc {tot_ok / seen:.4f} "
+            f"({time.perf_counter() - t1:.0f}s)")
+    t_train = time.perf_counter() - t1
+    net.eval()
+    report = {"seed": cfg.seed, "epochs": cfg.epochs, "config": {k: v for k, v in asdict(cfg).items() if k != "arch"},
+              "arch": asdict(cfg.arch), "train_images": len(images), "threads": cfg.threads, "torch": torch.__version__,
+              "decode_s": round(t_data, 1), "train_s": round(t_train, 1), "history": history}
+    model = export_onnx(net, cfg.arch, mean.tolist(), std.tolist(), extra_meta={"lrponnx.zoo.training": json.dumps(
+        {k: report[k] for k in ("seed", "epochs", "train_images", "threads", "torch")})})
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(out))
+    if eval_test and out is not None:
+        ti, tl = load_test_sample()
+        report["test_sample_accuracy"] = onnx_accuracy(out, ti, tl)
+        log(f"[{NAME}] accuracy on the 1,000-image test sample (ONNX Runtime): {report['test_sample_accuracy']:.3f}")
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    return model, report
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--output", default="vit-cifar10.onnx")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    a = p.parse_args(argv)
+    out = Path(a.output)
+    _, report = train(TrainConfig(seed=a.seed, epochs=a.epochs, limit=a.limit), out=out)
+    out.with_suffix(".train.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
