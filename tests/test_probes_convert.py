@@ -461,7 +461,10 @@ MEMORY_PROBE = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     from lrponnx.cli import main
     code = main(sys.argv[5:])
-    print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child started from a large pytest
+    # process (vfork + exec) would report the parent's peak.
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print("peak_kib", hwm, file=sys.stderr)
     sys.exit(code)
 """)
 
