@@ -442,10 +442,14 @@ def add_zennit32(archs, exporters) -> int:
 
     torch.set_num_threads(2)
     results = json.loads(RESULTS.read_text())
+    done: dict = {}  # the Zennit side depends on the architecture only (same weights, input, target)
     for key, row in results.items():
         if row.get("arch") not in archs or row.get("exporter") not in exporters:
             continue
         if not isinstance(row.get("parity"), float) or row["parity"] <= 1e-5 or "zennit_f32" in row:
+            continue
+        if row["arch"] in done:
+            row["zennit_f32"] = done[row["arch"]]
             continue
         size = row["size"]
         n = 2 if row["dynamic_batch"] else 1
@@ -455,7 +459,7 @@ def add_zennit32(archs, exporters) -> int:
         model64 = make_model(row["arch"]).double().eval()
         canonizers, _ = zennit_setup(row["arch"], model64)
         _, ref = zennit_relevance(model64, canonizers, x, target)
-        row["zennit_f32"] = zennit_f32_error(row["arch"], x, target, ref.reshape(n, -1))
+        row["zennit_f32"] = done[row["arch"]] = zennit_f32_error(row["arch"], x, target, ref.reshape(n, -1))
         print(key, row["parity"], row["zennit_f32"], flush=True)
         RESULTS.write_text(json.dumps(results, indent=1))
     write_doc(results)
