@@ -287,11 +287,29 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
     for name, tensor, shape in exposed or []:  # after the model's outputs and `relevance`
         g.identity(tensor, name)
         g.output(name, TensorProto.FLOAT, shape)
+    prune_dead(explainer.graph, g.prefix)  # after every output is in place (--layer-relevance reads more)
     _write_metadata(explainer, p, composite, seed, names, sorted(ctx.forward))
     explainer.metadata_props.append(onnx.StringStringEntryProto(key="lrponnx.target_runtime", value=target_runtime))
     state_spatial_attributes(explainer)  # the model's own Convs and pools too (WebGPU reads them)
     _check(explainer, model)
     return explainer
+
+
+def prune_dead(graph: onnx.GraphProto, prefix: str) -> None:
+    """Remove emitted nodes (named ``prefix/...``) whose outputs nothing reads: ONNX Runtime runs dead
+    nodes. They arise where a rule took ``f`` instead of ``R / x`` for a relevance ``R = x * f``."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        keep = [n for n in graph.node if not (n.name.startswith(prefix + "/") and all(o not in used for o in n.output if o))]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    made = {o for n in graph.node for o in n.output}
+    dead = [v for v in graph.value_info if v.name.startswith(prefix + "/") and v.name not in made]
+    for v in dead:
+        graph.value_info.remove(v)
 
 
 def _check(explainer: onnx.ModelProto, original) -> None:
