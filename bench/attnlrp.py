@@ -136,6 +136,20 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _interleaved(fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median time of each function, the calls alternating (f1, f2, f1, f2, ...)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def speed(batch: int, repeats: int, write_docs: bool) -> None:
     import torch
 
@@ -153,8 +167,9 @@ def speed(batch: int, repeats: int, write_docs: bool) -> None:
         explainer = lrponnx.convert(path, composite="attnlrp")
         fwd = _session(path)
         exs = _session(explainer)
-        t_fwd = _median_time(lambda: fwd.run(None, {"x": x}), repeats)
-        t_ex = _median_time(lambda: exs.run(None, {"x": x, "target": target.astype(np.int64)}), repeats)
+        # interleaved, so that a change of the machine's load hits both alike
+        t_fwd, t_ex = _interleaved([lambda: fwd.run(None, {"x": x}),
+                                    lambda: exs.run(None, {"x": x, "target": target.astype(np.int64)})], repeats)
     xt = torch.tensor(x)
     m32 = model.float().eval()
 
@@ -181,7 +196,7 @@ def speed(batch: int, repeats: int, write_docs: bool) -> None:
              f"| LXT 2.1 AttnLRP heatmap (forward + backward, patched) | {t_lxt * 1e3:.0f} | "
              f"{t_lxt / t_torch:.2f} × PyTorch forward; {t_lxt / t_ex:.2f} × the explainer |"]
     text = "\n".join(lines + ["", f"`bench/attnlrp.py speed` ({time.strftime('%Y-%m-%d %H:%M')}, median of "
-                              f"{repeats} after 2 warm-up calls; {platform.processor() or platform.machine()}, "
+                              f"{repeats} after 2 warm-up calls, forward and explainer calls alternating; {platform.processor() or platform.machine()}, "
                               f"{os.cpu_count()} CPUs, load average {load:.1f} at the end: other work shared "
                               "the cores when it is above ~2)."])
     print(text)
