@@ -291,16 +291,19 @@ ISOLATED = [
 ]
 
 
+@pytest.mark.parametrize("target_runtime", ["any", "webgpu"])
 @pytest.mark.parametrize("region,n,alpha,beta,k,sign", ISOLATED)
-def test_isolated_lrn_matches_reference(region, n, alpha, beta, k, sign):
-    """lrp_in of the LRN unit equals the reference applied to its input and its lrp_out."""
+def test_isolated_lrn_matches_reference(region, n, alpha, beta, k, sign, target_runtime):
+    """lrp_in of the LRN unit equals the reference applied to its input and its lrp_out, with
+    either form of the window sum (3-D pool; banded 1x1 Conv for WebGPU)."""
     shape = [2, 11, 3, 4] if region == "across" else [2, 3, 6, 5]
     rng = np.random.default_rng(n * 7 + len(sign))
     x = rng.standard_normal(shape) * _scale(alpha, k)
     if sign == "positive":
         x = np.abs(x)
     x = x.astype(np.float32)
-    out = explain(readout_model(shape, region, n, alpha, beta, k), x, composite="epsilon-plus")
+    out = explain(readout_model(shape, region, n, alpha, beta, k), x, composite="epsilon-plus",
+                  target_runtime=target_runtime)
     R, R_in = out["lrp_out/lrn"], out["lrp_in/lrn/x"]
     lo, hi = onnx_window(n) if region == "across" else ((n - 1) // 2, (n - 1) // 2)
     ref = reference(x, R, region=region, n=n, alpha=alpha, beta=beta, k=k, lo=lo, hi=hi)
@@ -315,13 +318,16 @@ def _conv_input(seed=0):
     return (np.random.default_rng(seed).standard_normal((2, 3, 10, 10)) * 30).astype(np.float32)
 
 
+@pytest.mark.parametrize("target_runtime", ["any", "webgpu"])
 @pytest.mark.parametrize("region,n,alpha,beta,k", CONV)
-def test_lrn_inside_conv_net_matches_reference(region, n, alpha, beta, k):
+def test_lrn_inside_conv_net_matches_reference(region, n, alpha, beta, k, target_runtime):
+    """The recomputed forward LRN (y) and the rule, from either form of the window sum."""
     x = _conv_input()
-    out = explain(conv_net(region, n, alpha, beta, k), x, extra=["h"])
+    out = explain(conv_net(region, n, alpha, beta, k), x, extra=["h", "y"], target_runtime=target_runtime)
     lo, hi = onnx_window(n) if region == "across" else ((n - 1) // 2, (n - 1) // 2)
     ref = reference(out["h"], out["lrp_out/lrn"], region=region, n=n, alpha=alpha, beta=beta, k=k, lo=lo, hi=hi)
     assert np.abs(ref["y"]).max() > 0
+    assert rel_l2(out["y"], ref["y"]) <= 1e-6
     assert rel_l2(out["lrp_in/lrn/h"], ref["R_in"]) <= TOL
 
 

@@ -73,19 +73,26 @@ def torch_wta(x, R, kernel, strides, pads, ceil, dilations):
     return y.detach().numpy(), grad.numpy()
 
 
+@pytest.mark.parametrize("target_runtime", ["any", "webgpu"])
 @pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[1]}s{c[2]}p{c[3]}c{c[4]}d{c[5]}")
-def test_winner_take_all_is_the_max_pool_gradient(case, ties):
+def test_winner_take_all_is_the_max_pool_gradient(case, ties, target_runtime):
+    """Both forms: MaxPool Indices + scatter (MaxUnpool for disjoint windows) and, for WebGPU,
+    one-hot unfold + ArgMax (first maximum) + ConvTranspose, with no Indices."""
     size, kernel, strides, pads, ceil, dilations = case
     shape = (2, 3) + size
     rng = np.random.default_rng(len(size) * 100 + sum(kernel))
     x = rng.integers(-2, 3, shape) if ties else rng.standard_normal(shape)  # integers: many equal maxima
     x = x.astype(np.float32)
     model = pool_model(shape, kernel, strides, pads, ceil, dilations)
-    explainer = lrponnx.convert(model, composite="epsilon-plus", layer_relevance=True)
+    explainer = lrponnx.convert(model, composite="epsilon-plus", layer_relevance=True, target_runtime=target_runtime)
     disjoint = all((k - 1) * d + 1 <= st for k, st, d in zip(kernel, strides, dilations))
     ops = {n.op_type for n in explainer.graph.node}
-    assert ("MaxUnpool" in ops) == disjoint and ("ScatterElements" in ops) != disjoint
+    if target_runtime == "any":
+        assert ("MaxUnpool" in ops) == disjoint and ("ScatterElements" in ops) != disjoint
+    else:
+        assert "ScatterElements" not in ops and "MaxUnpool" not in ops and "ArgMax" in ops
+        assert not any(n.op_type == "MaxPool" and len(n.output) > 1 for n in explainer.graph.node)
 
     sess = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]

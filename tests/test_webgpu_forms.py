@@ -20,9 +20,8 @@ import lrponnx
 from explainer_feeds import with_target
 from lrponnx.cli import main
 from lrponnx.errors import RuleError
-from test_lrn import CONV, ISOLATED, TOL, _conv_input, _scale, conv_net, explain, onnx_window, readout_model, \
-    reference, rel_l2, run
-from test_maxpool_wta import CASES, pool_model, torch_wta
+from test_lrn import ISOLATED, TOL, readout_model, reference, rel_l2, run
+from test_maxpool_wta import pool_model, torch_wta
 
 CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "group")
 POOL_ATTRS = ("kernel_shape", "strides", "pads")
@@ -131,30 +130,13 @@ def _uses_banded_conv(explainer: onnx.ModelProto) -> bool:
 
 
 @pytest.mark.parametrize("region,n,alpha,beta,k,sign", ISOLATED)
-def test_webgpu_lrn_matches_reference(region, n, alpha, beta, k, sign):
+def test_webgpu_lrn_form(region, n, alpha, beta, k, sign):
+    """Across channels the window sum is the banded 1x1 Conv; nothing WebGPU refuses. (The numbers
+    of both forms are checked against the float64 reference in tests/test_lrn.py.)"""
     shape = [2, 11, 3, 4] if region == "across" else [2, 3, 6, 5]
-    rng = np.random.default_rng(n * 7 + len(sign))
-    x = rng.standard_normal(shape) * _scale(alpha, k)
-    if sign == "positive":
-        x = np.abs(x)
-    x = x.astype(np.float32)
     model = readout_model(shape, region, n, alpha, beta, k)
     ex = lrponnx.convert(model, composite="epsilon-plus", layer_relevance=True, target_runtime="webgpu")
     assert _uses_banded_conv(ex) == (region == "across") and webgpu_refusals(ex) == []
-    out = run(ex, {"x": x})
-    lo, hi = onnx_window(n) if region == "across" else ((n - 1) // 2, (n - 1) // 2)
-    ref = reference(x, out["lrp_out/lrn"], region=region, n=n, alpha=alpha, beta=beta, k=k, lo=lo, hi=hi)
-    assert rel_l2(out["lrp_in/lrn/x"], ref["R_in"]) <= TOL
-
-
-@pytest.mark.parametrize("region,n,alpha,beta,k", CONV)
-def test_webgpu_lrn_inside_conv_net_matches_reference(region, n, alpha, beta, k):
-    """The recomputed forward LRN (y) and the rule, both from the banded window sum."""
-    out = explain(conv_net(region, n, alpha, beta, k), _conv_input(), extra=["h", "y"], target_runtime="webgpu")
-    lo, hi = onnx_window(n) if region == "across" else ((n - 1) // 2, (n - 1) // 2)
-    ref = reference(out["h"], out["lrp_out/lrn"], region=region, n=n, alpha=alpha, beta=beta, k=k, lo=lo, hi=hi)
-    assert rel_l2(out["y"], ref["y"]) <= 1e-6
-    assert rel_l2(out["lrp_in/lrn/h"], ref["R_in"]) <= TOL
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 5), (2, 6, 3, 4, 2)], ids=["rank3", "rank5"])
@@ -178,27 +160,7 @@ def test_webgpu_lrn_of_other_ranks_and_symbolic_channels(shape, symbolic_channel
 
 
 # ============================================================================ max pooling, no Indices
-
-@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[1]}s{c[2]}p{c[3]}c{c[4]}d{c[5]}")
-def test_webgpu_winner_take_all_is_the_max_pool_gradient(case, ties):
-    """The first maximum of each window wins, as in torch (integer inputs: many equal maxima)."""
-    size, kernel, strides, pads, ceil, dilations = case
-    shape = (2, 3) + size
-    rng = np.random.default_rng(len(size) * 100 + sum(kernel))
-    x = (rng.integers(-2, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
-    model = pool_model(shape, kernel, strides, pads, ceil, dilations)
-    ex = lrponnx.convert(model, composite="epsilon-plus", layer_relevance=True, target_runtime="webgpu")
-    ops = [n.op_type for n in ex.graph.node]
-    assert "ScatterElements" not in ops and "MaxUnpool" not in ops and "ArgMax" in ops
-    assert not any(n.op_type == "MaxPool" and len(n.output) > 1 for n in ex.graph.node)
-    out = session_outputs(ex, {"x": x})
-    R_out, R_in = out["lrp_out/pool"], out["lrp_in/pool/x"]
-    assert np.abs(R_out).max() > 0
-    y_ref, ref = torch_wta(x.astype(np.float64), R_out.astype(np.float64), kernel, strides, pads, ceil, dilations)
-    assert y_ref.shape == R_out.shape
-    np.testing.assert_allclose(R_in, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
-
+# (the windowed pools of both forms against torch autograd: tests/test_maxpool_wta.py)
 
 @pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
 def test_webgpu_global_max_pool_is_the_gradient(ties):
