@@ -43,7 +43,7 @@ def make_model(path: Path) -> Path:
     compiled into an explainer."""
     import lrponnx
     from lrponnx.files import save_model
-    from lrponnx.preprocess import Preprocessing
+    from lrponnx.app.preprocess import Preprocessing
 
     rng = np.random.default_rng(0)
     w1 = (rng.normal(size=(16, 3, 7, 7)) * 0.1).astype(np.float32)
@@ -85,7 +85,7 @@ def make_images(folder: Path, n: int, distinct: int = 300) -> Path:
 def run(args: list[str]) -> tuple[int, float, float]:
     """Run the CLI in a subprocess: (exit code, peak RSS in MiB, seconds)."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "lrponnx.cli", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "lrponnx.app.cli", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # wait4 gives this child's own rusage; stderr is small (a progress bar) and read after
     _, status, usage = os.wait4(proc.pid, 0)

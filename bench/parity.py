@@ -27,7 +27,7 @@ def parity(model_path, composite: str, batch: int = 2, threads: int = 2) -> dict
     from zennit.rules import Pass
 
     import lrponnx
-    from lrponnx.compiler import _bounds_from_metadata
+    from lrponnx.compiler.emit import _bounds_from_metadata
 
     sys.path.insert(0, str(HERE))
     import onnx_to_torch

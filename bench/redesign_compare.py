@@ -38,7 +38,8 @@ on reruns; raw numbers in ``bench/_work/redesign/results.json``):
    round of each tree are run in THIS interpreter's onnxruntime (CPU, 2 threads, same session options)
    on the same batch: Caffe's two example photos, two CIFAR-10 test images for 32x32 models, and two
    images of uniform random pixels (seed 0), each preprocessed as the model's ``lrponnx.preprocessing``
-   metadata says (written out here, independent of both trees); target -1 (the predicted class).
+   metadata says (written out here, independent of both trees); each sample is explained for target -1
+   (the predicted class) and for target 0.
    Reported: per-sample relative L2 of the relevance (``||R_after - R_before|| / ||R_before||``, max over
    samples; pass when <= ``--tolerance``, default 1e-6), max abs difference of the model outputs, whether
    the explained classes agree, whether the per-node rules (metadata ``lrponnx.rules``) are the same, and
@@ -371,7 +372,8 @@ def session(path: Path):
 
 
 def run_explainer(path: Path, x) -> dict:
-    """All outputs of an explainer for batch ``x`` (target -1), plus what its metadata says they are."""
+    """All outputs of an explainer for batch ``x``, plus what its metadata says they are. The relevance is
+    that of target -1 (the predicted class) followed by that of target 0 (a fixed class: the target path)."""
     import numpy as np
     import onnx
 
@@ -383,9 +385,9 @@ def run_explainer(path: Path, x) -> dict:
     if len(data) != 1:
         raise SystemExit(f"{path}: expected one data input, got {data}")
     names = [o.name for o in s.get_outputs()]
-    values = s.run(names, {data[0]: x, target: np.full([x.shape[0]], -1, np.int64)})
-    out = dict(zip(names, values))
-    return {"relevance": {k: out[v] for k, v in rel.items()},
+    out = dict(zip(names, s.run(names, {data[0]: x, target: np.full([x.shape[0]], -1, np.int64)})))
+    fixed = dict(zip(names, s.run(names, {data[0]: x, target: np.zeros([x.shape[0]], np.int64)})))
+    return {"relevance": {k: np.concatenate([out[v], fixed[v]]) for k, v in rel.items()},
             "outputs": {k: v for k, v in out.items() if k not in rel.values()},
             "explained": meta.get("lrponnx.output"), "rules": json.loads(meta.get("lrponnx.rules", "{}"))}
 
@@ -514,10 +516,11 @@ def render(res: dict) -> str:
                  f"({ta['versions'].get('onnxruntime')}, CPU, {THREADS} threads) on the same batch: Caffe's "
                  "`cat.jpg` and `fish-bike.jpg`, for 32x32 models also CIFAR-10 test images `cat/0000.jpg` and "
                  "`ship/0000.jpg`, and two images of random pixels (seed 0), each preprocessed as the model's "
-                 "metadata says; target -1 (predicted class). Relative L2 = `||R_after - R_before|| / ||R_before||` "
-                 f"per sample (the largest is shown); pass when <= {res['tolerance']:g} and the explained classes "
+                 "metadata says; each sample explained for target -1 (predicted class) and target 0. Relative "
+                 "L2 = `||R_after - R_before|| / ||R_before||` per sample and target (the largest is shown);"
+                 f" pass when <= {res['tolerance']:g} and the explained classes "
                  "agree. Rules: the per-node rule table the explainers record (`lrponnx.rules` metadata).\n")
-        L.append("| model | composite | samples | max relative L2 (relevance) | max abs diff (outputs) | "
+        L.append("| model | composite | samples × targets | max relative L2 (relevance) | max abs diff (outputs) | "
                  "classes equal | rules equal | explainer nodes before → after | pass |")
         L.append("|---|---|---:|---:|---:|---|---|---:|---|")
         for r in res["equivalence"]:
@@ -526,7 +529,7 @@ def render(res: dict) -> str:
                 continue
             noise = f" (ORT noise {r['noise_rel_l2']:.1e})" if "noise_rel_l2" in r else ""
             extra = ("; " + "; ".join(r["problems"])) if r["problems"] else ""
-            L.append(f"| {LABELS[r['model']]} | {r['composite']} | {len(r['samples'])} | {r['max_rel_l2']:.1e}{noise} | "
+            L.append(f"| {LABELS[r['model']]} | {r['composite']} | {len(r['samples'])} × 2 | {r['max_rel_l2']:.1e}{noise} | "
                      f"{r['max_abs_output_diff']:.1e} | {'yes' if r['classes_equal'] else '**no**'} | "
                      f"{'yes' if r['rules_equal'] else '**no**'} | {r['graph_before']['nodes']} → "
                      f"{r['graph_after']['nodes']} | {'yes' if r['passed'] else '**no**'}{extra} |")

@@ -120,7 +120,7 @@ def write_markdown(res: dict, out: Path) -> None:
     parts = [row for row in res["bench"] if _ok(row.get("forward_part")) and _ok(row.get("forward"))
              and _ok(row.get("explainer"))]
     if parts:
-        add("The explainer computes LRN layers with the plain ops its LRN rule shares (`relevance/lrn.py`) instead "
+        add("The explainer computes LRN layers with the plain ops its LRN rule shares (`ops/lrn.py`) instead "
             "of ONNX Runtime's LRN kernel, which is slow. For comparison, the explainer's own forward part (the "
             "explainer cut down to the model's outputs, `bench/worker.py ort-explainer-forward`), and the ratios "
             "against it:")

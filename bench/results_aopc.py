@@ -77,7 +77,7 @@ def convert_cifar10_full(out: Path) -> Path:
 
 
 def load_data(model_path: Path, limit: int | None):
-    from lrponnx.preprocess import Preprocessing, iter_inputs
+    from lrponnx.app.preprocess import Preprocessing, iter_inputs
 
     pre = Preprocessing.from_model(model_path)
     classes = sorted(p.name for p in DATA.iterdir() if p.is_dir())
@@ -118,7 +118,7 @@ def _session_exposing(m: onnx.ModelProto, names: list[str]):
 
 
 def _free(m: onnx.ModelProto) -> onnx.ModelProto:
-    from lrponnx.perturbation import _free_batch
+    from lrponnx.app.perturbation import _free_batch
 
     f = _free_batch(m)
     return f if f is not None else m
@@ -136,7 +136,7 @@ def spec_text(node) -> str:
 
 def lrn_forward_stats(model_path: Path, x: np.ndarray) -> list[dict]:
     """For every LRN node: how far the output is from the input (the size of the normalisation)."""
-    from lrponnx.lrn_ops import spec_of_node
+    from lrponnx.compiler.lrn_ops import spec_of_node
 
     m = onnx.load(str(model_path))
     lrns = [(n, spec_of_node(n)) for n in m.graph.node if spec_of_node(n) is not None]
@@ -166,8 +166,8 @@ def lrn_forward_stats(model_path: Path, x: np.ndarray) -> list[dict]:
 
 def lrn_relevance_stats(model_path: Path, x: np.ndarray, kw: dict) -> list[dict]:
     """With the taylor rule: how much the LRN nodes change the relevance passing through them."""
-    from lrponnx.compiler import TARGET_INPUT, convert
-    from lrponnx.lrn_ops import spec_of_node
+    from lrponnx.compiler.emit import TARGET_INPUT, convert
+    from lrponnx.compiler.lrn_ops import spec_of_node
 
     import onnxruntime as ort
 
@@ -240,8 +240,8 @@ def taylor_reference(X: np.ndarray, R: np.ndarray, region: str, n: int, alpha: f
 
 def check_taylor(path: Path, x: np.ndarray, kw: dict) -> dict:
     """{LRN node: {max_abs_error, scale, sum_ratio}} of the compiled taylor rule (stabiliser 0) vs the reference."""
-    from lrponnx.compiler import TARGET_INPUT, convert
-    from lrponnx.lrn_ops import spec_of_node
+    from lrponnx.compiler.emit import TARGET_INPUT, convert
+    from lrponnx.compiler.lrn_ops import spec_of_node
 
     import onnxruntime as ort
 
@@ -299,7 +299,7 @@ def label_of(name: str, small: float, large: float) -> str:
 
 
 def run_model(zoo_name: str, path: Path, args, work: Path) -> dict:
-    from lrponnx.perturbation import evaluate, plot_curves, save_json
+    from lrponnx.app.perturbation import evaluate, plot_curves, save_json
 
     t0 = time.time()
     x, y, names, pre = load_data(path, args.limit)
@@ -314,7 +314,7 @@ def run_model(zoo_name: str, path: Path, args, work: Path) -> dict:
     ev = evaluate(model, x, methods, region=args.region, steps=args.steps, seed=args.seed, noise="pixel",
                   preprocessing=pre, names=names, threads=args.threads, batch_size=args.batch_size,
                   progress=True, keep_relevance=False)
-    from lrponnx.perturbation import LogitModel
+    from lrponnx.app.perturbation import LogitModel
 
     logits = LogitModel(model)(x)
     acc = float((logits.argmax(1) == y).mean())
@@ -350,7 +350,7 @@ SENS_CONFIGS = ("~LRP-0", "alpha2-beta1")
 
 def sensitivity(model, x, pre, groups, args) -> list[dict]:
     """Taylor vs identity for two rule configurations under other region sizes and replacement values."""
-    from lrponnx.perturbation import evaluate
+    from lrponnx.app.perturbation import evaluate
 
     idx = np.linspace(0, len(x) - 1, min(args.dig_limit, len(x))).round().astype(int)
     xs = x[idx]

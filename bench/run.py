@@ -185,7 +185,7 @@ def _build_cifar_fallback(out: Path) -> None:
 def zbox_bounds(path: Path):
     """The bounds lrponnx derives from the model's preprocessing metadata (passed to every engine)."""
     import onnx
-    from lrponnx.compiler import _bounds_from_metadata
+    from lrponnx.compiler.emit import _bounds_from_metadata
 
     low, high = _bounds_from_metadata(onnx.load(str(path), load_external_data=False))
     if low is None:
@@ -195,7 +195,7 @@ def zbox_bounds(path: Path):
 
 def lrponnx_cli() -> list[str]:
     exe = Path(sys.executable).with_name("lrponnx")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lrponnx.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lrponnx.app.cli"]
 
 
 def convert_cmd(model: Path, out: Path, composite: str, low, high) -> list[str]:
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
                 results["convert"].append(r)
             for f in EXPLAINERS.glob("vgg16-*"):  # ~0.7-0.8 GB each, not needed further
                 f.unlink()
-    baseline = measured([sys.executable, "-c", "import lrponnx.cli, lrponnx.compiler, lrponnx.files"])
+    baseline = measured([sys.executable, "-c", "import lrponnx.app.cli, lrponnx.compiler.emit, lrponnx.files"])
     results["convert_baseline"] = {"wall_s": baseline["wall_s"], "peak_rss_mb": baseline["peak_rss_mb"]}
 
     # 2. the two sides compute the same composite (LRN passed through on both sides)

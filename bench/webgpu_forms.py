@@ -101,10 +101,10 @@ def header(what: str, threads: int, repeats: int, interleaved: bool = True) -> s
 
 def lrn_forms(N: int, C: int, H: int, n: int = 5) -> dict:
     """{form: model x -> window mean}: the library's emitters and two hand-written alternatives."""
-    from lrponnx.builder import GraphBuilder
-    from lrponnx.lrn_ops import LrnSpec
-    from lrponnx.relevance import Ctx
-    from lrponnx.relevance.lrn import _window_mean
+    from lrponnx.compiler.builder import GraphBuilder
+    from lrponnx.compiler.lrn_ops import LrnSpec
+    from lrponnx.ops import Ctx
+    from lrponnx.ops.lrn import _window_mean
 
     spec = LrnSpec.onnx_across(n, 1e-4, 0.75, 1.0)
     lo, hi = spec.lo, spec.hi
@@ -180,12 +180,12 @@ def bench_lrn(batches, threads, repeats) -> str:
 
 def wta_model(chw, k, s, pads, batch, target_runtime) -> onnx.ModelProto:
     """x -> MaxPool -> y, and the library's winner-take-all of a relevance input R: output r_x."""
-    from lrponnx.builder import GraphBuilder
-    from lrponnx.composites import Rule
-    from lrponnx.load import prepare
-    from lrponnx.relevance import Ctx, load_handlers
-    from lrponnx.units import build_units
-    from lrponnx.view import ModelView
+    from lrponnx.compiler.builder import GraphBuilder
+    from lrponnx.rules.composites import Rule
+    from lrponnx.compiler.load import prepare
+    from lrponnx.ops import Ctx, load_handlers
+    from lrponnx.compiler.units import build_units
+    from lrponnx.compiler.view import ModelView
 
     C, H, W = chw
     pool = helper.make_node("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[k, k], strides=[s, s], pads=pads)

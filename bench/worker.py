@@ -80,7 +80,7 @@ def forward_part(explainer, model, tmp: Path) -> Path:
     """The explainer cut down to the model's outputs: the forward pass exactly as the explainer runs
     it (with LRN recomputed in plain ops, unless it was converted with ``exact_forward``)."""
     import onnx
-    from lrponnx.perturbation import keep_outputs
+    from lrponnx.app.perturbation import keep_outputs
 
     m = onnx.load(str(model), load_external_data=False)
     part = keep_outputs(onnx.load(str(explainer)), [o.name for o in m.graph.output])

@@ -2,7 +2,7 @@
 and its Layer-wise Relevance Propagation heatmap, including the LRN rule of Binder et al. (2016)."""
 __version__ = "0.1.0"
 
-from .errors import InvalidModelError, LrpOnnxError, RuleError, UnsupportedModelError  # noqa: E402
+from lrponnx.errors import InvalidModelError, LrpOnnxError, RuleError, UnsupportedModelError  # noqa: E402
 
 __all__ = ["convert", "plan", "Explainer", "Explanation", "LrpOnnxError", "InvalidModelError",
            "UnsupportedModelError", "RuleError", "__version__"]
@@ -10,9 +10,9 @@ __all__ = ["convert", "plan", "Explainer", "Explanation", "LrpOnnxError", "Inval
 
 def __getattr__(name):  # keep `import lrponnx` light: onnxruntime loads on first use
     if name in ("convert", "plan"):
-        from . import compiler
-        return getattr(compiler, name)
+        from lrponnx.compiler import emit
+        return getattr(emit, name)
     if name in ("Explainer", "Explanation"):
-        from . import runtime
+        from lrponnx.app import runtime
         return getattr(runtime, name)
     raise AttributeError(name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import onnx
 
-from .errors import OutputError, shorten
-from .load import set_external_location, stored_dtype, tensor_nbytes
+from lrponnx.errors import OutputError, shorten
+from lrponnx.compiler.load import set_external_location, stored_dtype, tensor_nbytes
 
 #: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
 #: (protobuf cannot hold 2 GiB, and serialising a large model in one piece doubles the memory).

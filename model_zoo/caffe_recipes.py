@@ -16,7 +16,7 @@ import onnx
 
 from lrponnx.errors import LrpOnnxError
 
-from ._shared import CIFAR10_CLASSES, require_shared
+from lrponnx.model_zoo._shared import CIFAR10_CLASSES, require_shared
 
 DEFAULT_SEED = 0
 

@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lrponnx.lrn_ops import FUNCTION_OPSET, ensure_lrn_function, make_within_channel_lrn
+from lrponnx.compiler.lrn_ops import FUNCTION_OPSET, ensure_lrn_function, make_within_channel_lrn
 
-from ._shared import CIFAR10_CLASSES, load_image_folder, onnx_accuracy, require_shared
+from lrponnx.model_zoo._shared import CIFAR10_CLASSES, load_image_folder, onnx_accuracy, require_shared
 
 NAME = "cifar10-lrn"
 
@@ -226,7 +226,7 @@ def state_dict_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def arch_of(model: onnx.ModelProto) -> Arch:
     """Recover the :class:`Arch` of an exported model from its LRN nodes and weight shapes."""
-    from lrponnx.lrn_ops import spec_of_node
+    from lrponnx.compiler.lrn_ops import spec_of_node
 
     sd = state_dict_of(model)
     kw = dict(c1=sd["conv1.weight"].shape[0], c2=sd["conv2.weight"].shape[0], c3=sd["conv3.weight"].shape[0])

@@ -32,7 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import registry
+    from lrponnx.model_zoo import registry
 
     try:
         if args.zoo_command == "list":

@@ -20,7 +20,7 @@ from typing import Callable
 
 from lrponnx.errors import LrpOnnxError
 
-from ._shared import sha256_of
+from lrponnx.model_zoo._shared import sha256_of
 
 HERE = Path(__file__).resolve().parent
 CARDS = HERE / "cards"
@@ -88,7 +88,7 @@ def _build_cifar10_lrn(out_dir: Path, *, retrain: bool = False, seed: int | None
         if src.resolve() != out.resolve():
             shutil.copyfile(src, out)
         return out
-    from .cifar10_lrn import TrainConfig, train
+    from lrponnx.model_zoo.cifar10_lrn import TrainConfig, train
 
     defaults = TrainConfig()
     cfg = TrainConfig(seed=defaults.seed if seed is None else seed,
@@ -117,7 +117,7 @@ def _build_vit_cifar10(out_dir: Path, *, retrain: bool = False, seed: int | None
         if src.resolve() != out.resolve():
             shutil.copyfile(src, out)
         return out
-    from .vit_cifar10 import TrainConfig, train
+    from lrponnx.model_zoo.vit_cifar10 import TrainConfig, train
 
     defaults = TrainConfig()
     cfg = TrainConfig(seed=defaults.seed if seed is None else seed, epochs=defaults.epochs if epochs is None else epochs)
@@ -128,7 +128,7 @@ def _build_vit_cifar10(out_dir: Path, *, retrain: bool = False, seed: int | None
 
 def _build_bvlc(name: str) -> Callable[..., Path]:
     def build(out_dir: Path, *, seed: int | None = None, log=print) -> Path:
-        from .caffe_recipes import DEFAULT_SEED, build_bvlc
+        from lrponnx.model_zoo.caffe_recipes import DEFAULT_SEED, build_bvlc
 
         return build_bvlc(name, out_dir, seed=DEFAULT_SEED if seed is None else seed)
 
@@ -136,7 +136,7 @@ def _build_bvlc(name: str) -> Callable[..., Path]:
 
 
 def _build_cifar10_full_caffe(out_dir: Path, *, log=print) -> Path:
-    from .caffe_recipes import build_cifar10_full_caffe
+    from lrponnx.model_zoo.caffe_recipes import build_cifar10_full_caffe
 
     return build_cifar10_full_caffe(out_dir)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ._shared import CIFAR10_CLASSES, onnx_accuracy
+from lrponnx.model_zoo._shared import CIFAR10_CLASSES, onnx_accuracy
 
 NAME = "vit-cifar10"
 COMPOSITE = "attnlrp"
@@ -92,7 +92,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, t
     import torch
     import torch.nn.functional as F
 
-    from .cifar10_lrn import load_test_sample, load_train_set
+    from lrponnx.model_zoo.cifar10_lrn import load_test_sample, load_train_set
 
     cfg = config or TrainConfig()
     torch.set_num_threads(cfg.threads)

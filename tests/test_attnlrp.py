@@ -247,8 +247,8 @@ def test_embedding_lookup_by_float_table_index_is_refused():
 # -- token and patch views ------------------------------------------------------------------------------
 
 def test_token_html_colours_follow_the_relevance():
-    from lrponnx.render import colormap
-    from lrponnx.render_text import token_html, token_terminal
+    from lrponnx.app.render import colormap
+    from lrponnx.app.render_text import token_html, token_terminal
 
     tokens = ["the", "<b>good</b>", "film", "&"]
     rel = np.array([0.0, 2.0, -2.0, 1.0])
@@ -269,7 +269,7 @@ def test_token_html_colours_follow_the_relevance():
 
 
 def test_patch_relevance_sums_blocks():
-    from lrponnx.render_text import patch_relevance
+    from lrponnx.app.render_text import patch_relevance
 
     r = RNG.standard_normal((3, 8, 12))
     p = patch_relevance(r, 4)

@@ -1034,7 +1034,7 @@ def test_opset_choice():
         m = convert(FIXTURES / "conv.prototxt", random_weights=1, opset=opset)
         assert m.opset_import[0].version == opset
         session(m)  # ONNX Runtime accepts it
-    # WITHIN_CHANNEL LRN is the model-local function of lrponnx.lrn_ops, built at the model's opset:
+    # WITHIN_CHANNEL LRN is the model-local function of lrponnx.compiler.lrn_ops, built at the model's opset:
     # every opset gives the same numbers
     outs = []
     for opset in (13, 17, 22, onnx.defs.onnx_opset_version()):

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrponnx.cli import main
+from lrponnx.app.cli import main
 from explainer_feeds import with_target
 
 
@@ -113,7 +113,7 @@ def test_missing_file_and_bad_rule(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    res = subprocess.run([sys.executable, "-m", "lrponnx.cli", "--version"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "lrponnx" in res.stdout
 
 

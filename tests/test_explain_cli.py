@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from lrponnx.cli import main
+from lrponnx.app.cli import main
 from lrponnx.converters.caffe import convert as caffe_convert
 from lrponnx.files import save_model
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrponnx.cli import main
+from lrponnx.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def temporaries(folder: Path) -> list[Path]:
 
 
 def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrponnx.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "lrponnx.app.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -105,9 +105,9 @@ def test_bad_inputs_are_reported_skipped_and_listed(explainer, tmp_path, capsys)
 
 
 def test_all_good_exits_zero_and_heatmaps_match_the_api(explainer, tmp_path):
-    from lrponnx.preprocess import Preprocessing
-    from lrponnx.render import render
-    from lrponnx.runtime import Explainer
+    from lrponnx.app.preprocess import Preprocessing
+    from lrponnx.app.render import render
+    from lrponnx.app.runtime import Explainer
 
     imgs = make_images(tmp_path / "in", 7)
     out = tmp_path / "out"
@@ -241,7 +241,7 @@ def test_the_same_file_twice_is_two_inputs_and_resumes(explainer, tmp_path):
 def test_a_write_error_midway_is_one_line_and_the_rerun_finishes(explainer, tmp_path, capsys, monkeypatch):
     import errno
 
-    from lrponnx.explain_cli import ExplainJob
+    from lrponnx.app.explain import ExplainJob
 
     make_images(tmp_path / "in", 12)
     args = ["explain", str(explainer), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4"]

@@ -25,12 +25,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrponnx
-from lrponnx import lrn_match
+from lrponnx.compiler import lrn_match
 from lrponnx.errors import UnsupportedModelError
-from lrponnx.lrn_ops import LrnSpec, ensure_lrn_function, make_within_channel_lrn
-from lrponnx.load import prepare
-from lrponnx.units import build_units
-from lrponnx.view import ModelView
+from lrponnx.compiler.lrn_ops import LrnSpec, ensure_lrn_function, make_within_channel_lrn
+from lrponnx.compiler.load import prepare
+from lrponnx.compiler.units import build_units
+from lrponnx.compiler.view import ModelView
 from explainer_feeds import with_target
 
 OPSET = 17
@@ -670,7 +670,7 @@ def test_decomposed_even_matches_reference_with_torch_window(exported, exporter)
 
 def test_decomposed_dynamic_batch_torchscript():
     """With a dynamic batch the TorchScript exporter computes the Reshape targets from Shape(x):
-    the loader folds them into constants (lrponnx.shapes, 0 = keep the batch dim), the chain is
+    the loader folds them into constants (lrponnx.compiler.shapes, 0 = keep the batch dim), the chain is
     still one unit, and any batch size runs."""
     net = _torch_net(5)
     model = _export(net, dynamo=False, dynamic_batch=True)

@@ -8,7 +8,7 @@ from PIL import Image
 
 import lrponnx
 from lrponnx.converters.caffe import convert as caffe_convert
-from lrponnx.render import render
+from lrponnx.app.render import render
 from explainer_feeds import with_target
 
 

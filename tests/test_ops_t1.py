@@ -364,7 +364,7 @@ def test_inspect_shows_the_gate_decision(tmp_path):
     model = g.model([vi("x", ["N", 3, H, W])], [vi(s.head(g, y), ["N", K])])
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    r = subprocess.run([sys.executable, "-m", "lrponnx.cli", "inspect", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "inspect", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if "signal-takes-all" in ln)
     assert f"signal {h!r}" in line and "gets no relevance" in line
@@ -487,7 +487,7 @@ def test_output_chosen_by_name(name, tmp_path):
     # the CLI flag
     src, dst = tmp_path / "m.onnx", tmp_path / "e.onnx"
     onnx.save(model, str(src))
-    r = subprocess.run([sys.executable, "-m", "lrponnx.cli", "convert", str(src), "-o", str(dst),
+    r = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "convert", str(src), "-o", str(dst),
                         "--explain-output", name], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     meta = {p.key: p.value for p in onnx.load(str(dst)).metadata_props}
@@ -504,11 +504,11 @@ def test_several_outputs_without_a_softmax_head_are_refused_with_the_list(tmp_pa
         lrponnx.convert(model, output="nope")
     src, dst = tmp_path / "m.onnx", tmp_path / "e.onnx"
     onnx.save(model, str(src))
-    r = subprocess.run([sys.executable, "-m", "lrponnx.cli", "convert", str(src), "-o", str(dst)],
+    r = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "convert", str(src), "-o", str(dst)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and not dst.exists()
     assert r.stderr.startswith("lrponnx: error: the model has 3 outputs") and len(r.stderr.splitlines()) == 1
-    r = subprocess.run([sys.executable, "-m", "lrponnx.cli", "inspect", str(src), "--explain-output", "prob"],
+    r = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "inspect", str(src), "--explain-output", "prob"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "explained output: prob" in r.stdout
 
@@ -566,7 +566,7 @@ def test_float64_model_is_refused_plainly(tmp_path):
         lrponnx.convert(model)
     src, dst = tmp_path / "m.onnx", tmp_path / "e.onnx"
     onnx.save(model, str(src))
-    r = subprocess.run([sys.executable, "-m", "lrponnx.cli", "convert", str(src), "-o", str(dst)],
+    r = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "convert", str(src), "-o", str(dst)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and not dst.exists() and "float64 models are not supported" in r.stderr
     assert "invalid explainer" not in r.stderr and len(r.stderr.splitlines()) == 1

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from lrponnx.compiler import convert, plan
+from lrponnx.compiler.emit import convert, plan
 from lrponnx.errors import LrpOnnxError, UnsupportedModelError
 
 RNG_SEED = 1234
@@ -503,7 +503,7 @@ def test_end_to_end_lrp0_is_gradient_times_input(dynamo, opset):
 # -- static shapes --------------------------------------------------------------------------------------
 
 def test_torchscript_channel_shuffle_is_folded_and_keeps_a_dynamic_batch():
-    from lrponnx.load import prepare
+    from lrponnx.compiler.load import prepare
 
     torch.manual_seed(0)
     net = Shuffle().eval()
@@ -540,7 +540,7 @@ def test_symbolic_spatial_size_asks_for_input_shape_and_converts_with_it(tmp_pat
     # the CLI: convert and inspect take it too; a wrong one is one line, exit 2
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lrponnx.cli", *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lrponnx.app.cli", *a], capture_output=True, text=True)
     r = run("inspect", str(path), "--input-shape", "N,3,8,8")
     assert r.returncode == 0, r.stderr
     r = run("convert", str(path), "-o", str(tmp_path / "e.onnx"), "--input-shape", "1,3,8,8")
@@ -595,9 +595,9 @@ def test_pads_computed_from_the_input_size_are_folded(dynamic_hw):
 
 
 def test_the_hint_is_not_given_when_the_input_is_already_static():
-    from lrponnx.relevance.layernorm import LayerNormSpec  # noqa: F401  (module loads)
-    from lrponnx.shapes import static_hint
-    from lrponnx.view import ModelView
+    from lrponnx.ops.layernorm import LayerNormSpec  # noqa: F401  (module loads)
+    from lrponnx.compiler.shapes import static_hint
+    from lrponnx.compiler.view import ModelView
 
     nodes = [helper.make_node("Identity", ["x"], ["y"], name="same")]
     static = ModelView(model_with(nodes, {}, [1, 3, 2, 2], "y", 12))

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrponnx.perturbation import (Curve, LogitModel, aopc, compare_heatmaps, draw_noise, evaluate, morf_order,
+from lrponnx.app.perturbation import (Curve, LogitModel, aopc, compare_heatmaps, draw_noise, evaluate, morf_order,
                                   noise_bounds, perturbation_curves, perturbed_inputs, random_order,
                                   region_map, region_scores)
 
@@ -81,7 +81,7 @@ def test_noise_range_and_determinism():
 
 
 def test_noise_bounds_data_and_pixel():
-    from lrponnx.preprocess import Preprocessing
+    from lrponnx.app.preprocess import Preprocessing
 
     data = np.random.default_rng(0).normal(size=(5, C, H, W))
     lo, hi, _ = noise_bounds("data", (C, H, W), data=data)
@@ -176,7 +176,7 @@ def test_evaluate_linear_model_end_to_end():
 
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_evaluate_npy_smoke(tmp_path, capsys):
-    from lrponnx.cli import main
+    from lrponnx.app.cli import main
 
     _linear_model(tmp_path / "lin.onnx")
     x = np.random.default_rng(3).normal(size=(4, C, H, W)).astype(np.float32)
@@ -199,7 +199,7 @@ def test_cli_evaluate_npy_smoke(tmp_path, capsys):
 
 
 def test_cli_evaluate_bad_steps_is_a_clean_error(tmp_path, capsys):
-    from lrponnx.cli import main
+    from lrponnx.app.cli import main
 
     _linear_model(tmp_path / "lin.onnx")
     np.save(tmp_path / "x.npy", np.zeros((2, C, H, W), np.float32))
@@ -212,8 +212,8 @@ def test_cli_class_folders_and_spread_limit(tmp_path, capsys):
     """A folder of class folders is walked one level down; --limit keeps inputs from every class."""
     from PIL import Image
 
-    from lrponnx.cli import main
-    from lrponnx.preprocess import Preprocessing
+    from lrponnx.app.cli import main
+    from lrponnx.app.preprocess import Preprocessing
 
     rng = np.random.default_rng(4)
     Wt = rng.normal(size=(K, 3 * 8 * 8)).astype(np.float32)

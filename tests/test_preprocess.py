@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from lrponnx.errors import LrpOnnxError
-from lrponnx.preprocess import (
+from lrponnx.app.preprocess import (
     METADATA_KEY,
     ImageReadError,
     InputError,
@@ -294,7 +294,7 @@ def test_expand_and_iter_inputs(tmp_path):
 # ------------------------------------------------------------------------------------ samples
 def test_sample_images():
     pytest.importorskip("skimage")
-    from lrponnx.samples import SAMPLE_NAMES, SamplesUnavailableError, sample_image, sample_images
+    from lrponnx.app.samples import SAMPLE_NAMES, SamplesUnavailableError, sample_image, sample_images
 
     samples = sample_images(size=(32, 32))
     assert [n for n, _ in samples] == list(SAMPLE_NAMES) and len(samples) >= 4

@@ -12,7 +12,7 @@ from PIL import Image
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'lrponnx[ray]')")
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
 
-from lrponnx.cli import main  # noqa: E402
+from lrponnx.app.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def _outputs(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("arrays_below", [None, 5])
 def test_ray_run_writes_the_files_of_the_single_process_run(cluster, explainer, tmp_path, monkeypatch,
                                                            arrays_below):
-    import lrponnx.explain_cli as explain_cli
+    import lrponnx.app.explain as explain_cli
 
     if arrays_below is not None:  # actors send arrays for the first 5 only: the other overview rows are redone
         monkeypatch.setattr(explain_cli, "RAY_ARRAYS_BELOW", arrays_below)
@@ -76,9 +76,9 @@ def test_ray_run_writes_the_files_of_the_single_process_run(cluster, explainer, 
 
 
 def test_explain_dataset_maps_rows_to_the_apis_relevance(cluster, explainer):
-    from lrponnx.preprocess import Preprocessing
-    from lrponnx.runtime import Explainer
-    from lrponnx.scale import explain_dataset
+    from lrponnx.app.preprocess import Preprocessing
+    from lrponnx.app.runtime import Explainer
+    from lrponnx.app.scale import explain_dataset
 
     rng = np.random.default_rng(7)
     images = [np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((40, 40)))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrponnx import render as R
+from lrponnx.app import render as R
 
 
 # ------------------------------------------------------------------------------------ lookup tables

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrponnx
-from lrponnx.cli import main
-from lrponnx.runtime import Explainer, LegacyExplainerWarning, NonFiniteRelevanceWarning
+from lrponnx.app.cli import main
+from lrponnx.app.runtime import Explainer, LegacyExplainerWarning, NonFiniteRelevanceWarning
 
 RNG = np.random.default_rng(15)
 W1 = RNG.normal(size=(12, 6)).astype(np.float32)
@@ -207,7 +207,7 @@ def test_an_explainer_of_a_newer_format_is_refused():
 
 
 def test_two_onnxruntime_packages_side_by_side_warn(monkeypatch):
-    import lrponnx.runtime as rt
+    import lrponnx.app.runtime as rt
 
     monkeypatch.setattr(rt, "ort_packages", lambda: ["onnxruntime", "onnxruntime-gpu"])
     with pytest.warns(RuntimeWarning, match="onnxruntime and onnxruntime-gpu are installed side by side"):

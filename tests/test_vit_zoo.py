@@ -57,7 +57,7 @@ def test_vit_accuracy_on_test_sample(vit_path, shared_data):
 
 def test_demo_with_the_vit_beside_the_cnn(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "lrponnx.cli", "demo", "--model", "vit-cifar10", "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "demo", "--model", "vit-cifar10", "-o", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (out / "overview.png").is_file() and (out / "explainer_vit-cifar10.onnx").is_file()
@@ -66,7 +66,7 @@ def test_demo_with_the_vit_beside_the_cnn(tmp_path):
 
     with Image.open(out / "overview.png") as im:
         assert im.width > 4 * 128  # input | CNN | ViT | per patch
-    bad = subprocess.run([sys.executable, "-m", "lrponnx.cli", "demo", "--model", "no-such-model", "-o",
+    bad = subprocess.run([sys.executable, "-m", "lrponnx.app.cli", "demo", "--model", "no-such-model", "-o",
                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("lrponnx: error:") and "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()

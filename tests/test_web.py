@@ -8,7 +8,7 @@ Tolerances (the page and Python run the same explainer on the same float32 tenso
 * heatmap / overlay pixels read back from the page's canvases, rendered from the page's own relevance:
   >= 99 % of the pixels identical and none more than one colour-table step (7 grey levels, the largest
   step of coldnhot) apart: the float differences above can move a value across a bin edge;
-* rendered from Python's relevance by the page's code: bit-identical to lrponnx.render.
+* rendered from Python's relevance by the page's code: bit-identical to lrponnx.app.render.
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ import pytest
 from PIL import Image
 
 from js_harness import CHROMIUM, JS_DIR, missing
-from lrponnx import render
-from lrponnx.cli import main
-from lrponnx.preprocess import Preprocessing
-from lrponnx.web import server as web
+from lrponnx.app import render
+from lrponnx.app.cli import main
+from lrponnx.app.preprocess import Preprocessing
+from lrponnx.app.web import server as web
 
 ROOT = Path(__file__).resolve().parents[1]
-STATIC = ROOT / "lrponnx" / "web" / "static"
+STATIC = ROOT / "lrponnx" / "app" / "web" / "static"
 ZOO_MODEL = ROOT / "model_zoo" / "cifar10_lrn.onnx"
 # as tests/js/run_browser.mjs: Chromium's software WebGPU adapter (SwiftShader)
 WEBGPU_FLAGS = "--enable-unsafe-webgpu --use-webgpu-adapter=swiftshader"
@@ -400,7 +400,7 @@ def test_lrp_js_matches_python_rendering(tmp_path):
 def _start_web(explainer: Path, tmp_path: Path):
     env = dict(os.environ)
     env.pop(web.ORT_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "lrponnx.cli", "web", str(explainer), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "lrponnx.app.cli", "web", str(explainer), "--port", "0",
                              "--no-browser", "--ort-dist", str(JS_DIR / "node_modules" / "onnxruntime-web" / "dist")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     deadline = time.time() + 120
@@ -445,13 +445,13 @@ def test_page_in_chromium_matches_python(explainer_path, tmp_path):
     why = missing("wasm")
     if why:
         pytest.skip(why)
-    from lrponnx.runtime import Explainer
+    from lrponnx.app.runtime import Explainer
 
     ex = Explainer(explainer_path)
     pre = Preprocessing.from_model(ex.model)
     # an image already at the model's size (32 x 32): resizing cannot differ
     try:
-        from lrponnx.samples import sample_image
+        from lrponnx.app.samples import sample_image
 
         small, big = sample_image("cat", (32, 32)), sample_image("cat", None)
     except Exception:  # noqa: BLE001 - no scikit-image: a synthetic photo does as well
@@ -498,7 +498,7 @@ def test_page_in_chromium_matches_python(explainer_path, tmp_path):
     # 3. relevance of the predicted class
     err1 = _rel_l2(r1["relevance"], first.relevance)
     assert err1 <= 1e-4, err1
-    # 4. heatmap and overlay read back from the canvases vs lrponnx.render of Python's relevance
+    # 4. heatmap and overlay read back from the canvases vs lrponnx.app.render of Python's relevance
     heat_py = np.asarray(render.render(first.relevance[0]))
     over_py = np.asarray(render.overlay(small, first.relevance[0]))
     for name, want in (("heat-canvas", heat_py), ("overlay-canvas", over_py)):
@@ -507,7 +507,7 @@ def test_page_in_chromium_matches_python(explainer_path, tmp_path):
         same, worst = _within_one_step(got[..., :3], want)
         assert same >= 0.99 and worst <= 7, (name, same, worst)
     assert np.array_equal(_canvas(s1, "input-canvas")[..., :3], small)
-    # 5. the page's rendering code on Python's relevance: bit-identical to lrponnx.render
+    # 5. the page's rendering code on Python's relevance: bit-identical to lrponnx.app.render
     assert np.array_equal(np.asarray(rendered["heat"], np.uint8).reshape(32, 32, 4)[..., :3], heat_py)
     assert np.array_equal(np.asarray(rendered["overlay"], np.uint8).reshape(32, 32, 4)[..., :3], over_py)
     # 6. a click on the second class explains that class
@@ -541,7 +541,7 @@ def test_page_on_webgpu(tmp_path):
     why = missing("webgpu")
     if why:
         pytest.skip(why)
-    from lrponnx.runtime import Explainer
+    from lrponnx.app.runtime import Explainer
 
     explainer = tmp_path / "webgpu.onnx"
     assert main(["convert", str(ZOO_MODEL), "-o", str(explainer), "--target-runtime", "webgpu"]) == 0
@@ -578,7 +578,7 @@ def test_page_with_a_mean_image_and_a_real_jpeg(shared_data, tmp_path):
     why = missing("wasm")
     if why:
         pytest.skip(why)
-    from lrponnx.runtime import Explainer
+    from lrponnx.app.runtime import Explainer
 
     assert main(["zoo", "build", "cifar10-full-caffe", "-o", str(tmp_path)]) == 0
     explainer = tmp_path / "explainer.onnx"

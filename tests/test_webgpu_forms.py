@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrponnx
 from explainer_feeds import with_target
-from lrponnx.cli import main
+from lrponnx.app.cli import main
 from lrponnx.errors import RuleError
 from test_lrn import ISOLATED, TOL, readout_model, reference, rel_l2, run
 from test_maxpool_wta import pool_model, torch_wta

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lrponnx.lrn_ops import LRPONNX_DOMAIN, WITHIN_CHANNEL_LRN, spec_of_node
+from lrponnx.compiler.lrn_ops import LRPONNX_DOMAIN, WITHIN_CHANNEL_LRN, spec_of_node
 from lrponnx.model_zoo import registry
 from lrponnx.model_zoo._shared import (CIFAR10_CLASSES, SharedDataMissingError, onnx_accuracy, preprocessing_of,
                                        sha256_of, shared_data_dir)

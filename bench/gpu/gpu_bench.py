@@ -134,12 +134,12 @@ def ort_cuda_session(ort, path, allow_fallback: bool):
 
 
 def patch_lrponnx_ir_version() -> None:
-    """lrponnx.evaluate.run_op builds its one-op models with onnx's newest IR version (14 for onnx 1.23),
+    """lrponnx.compiler.constants.run_op builds its one-op models with onnx's newest IR version (14 for onnx 1.23),
     which ONNX Runtime < 1.32 rejects ("max supported IR version: 13"): give them the lowest IR version
     their opset needs instead. Affects only that module's calls (bench-side workaround; reported)."""
     import types
 
-    import lrponnx.evaluate as ev
+    import lrponnx.compiler.constants as ev
     from onnx import helper
 
     if getattr(ev, "_bench_patched", False):

@@ -2,7 +2,7 @@
 
 See ``docs/caffe.md`` for the supported layers, the preprocessing metadata and the decisions taken.
 """
-from .convert import (PREPROCESSING_KEY, SUPPORTED_TYPES, WEIGHTS_KEY, CaffeConversionWarning, CaffeLayerError,
+from lrponnx.converters.caffe.convert import (PREPROCESSING_KEY, SUPPORTED_TYPES, WEIGHTS_KEY, CaffeConversionWarning, CaffeLayerError,
                       convert, load_caffemodel, load_prototxt, random_caffemodel)
 
 __all__ = ["convert", "CaffeConversionWarning", "CaffeLayerError", "PREPROCESSING_KEY", "WEIGHTS_KEY",

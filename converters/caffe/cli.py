@@ -78,7 +78,7 @@ def write_atomic(data: bytes, path: str | os.PathLike, inputs=()) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``caffe2onnx``; returns 0, or 2 after printing one clear message for a user error."""
-    from . import convert
+    from lrponnx.converters.caffe import convert
 
     from lrponnx.files import check_output
 

@@ -26,9 +26,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from lrponnx.errors import InvalidModelError, LrpOnnxError, Offender, UnsupportedModelError
-from lrponnx.lrn_ops import ensure_lrn_function, make_within_channel_lrn
+from lrponnx.compiler.lrn_ops import ensure_lrn_function, make_within_channel_lrn
 
-from . import proto as cpb
+from lrponnx.converters.caffe import proto as cpb
 
 __all__ = ["convert", "CaffeConversionWarning", "CaffeLayerError", "PREPROCESSING_KEY", "WEIGHTS_KEY",
            "random_caffemodel"]

@@ -1,11 +1,11 @@
-// Runs lrponnx/web/static/lrp.js on the cases in a JSON file (argv[2]) and writes what it computes as
+// Runs lrponnx/app/web/static/lrp.js on the cases in a JSON file (argv[2]) and writes what it computes as
 // JSON to argv[3]; tests/test_web.py compares the numbers with lrponnx's Python (Pillow, numpy).
 import { readFileSync, writeFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 import path from "node:path";
 
 const here = path.dirname(new URL(import.meta.url).pathname);
-const lrp = await import(pathToFileURL(path.join(here, "..", "..", "lrponnx", "web", "static", "lrp.js")).href);
+const lrp = await import(pathToFileURL(path.join(here, "..", "..", "lrponnx", "app", "web", "static", "lrp.js")).href);
 const cases = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const b64 = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString("base64");
 const unb64 = (s) => new Uint8Array(Buffer.from(s, "base64"));

@@ -1,0 +1,1 @@
+"""LRP rules and composites (which rule each layer gets)."""
