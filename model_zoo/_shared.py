@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lrponnx.errors import LrpOnnxError
+from lrponnx.metadata import PREPROCESSING_KEY
 
 ENV_VAR = "LRPONNX_SHARED_DATA"
 
@@ -74,7 +75,7 @@ def load_image_folder(root: str | os.PathLike, classes: list[str] = CIFAR10_CLAS
 def preprocessing_of(model) -> dict | None:
     """The ``lrponnx.preprocessing`` metadata of an ONNX model, parsed; None when absent."""
     for p in model.metadata_props:
-        if p.key == "lrponnx.preprocessing":
+        if p.key == PREPROCESSING_KEY:
             return json.loads(p.value)
     return None
 

@@ -17,6 +17,7 @@ import onnx
 from lrponnx.errors import LrpOnnxError
 
 from lrponnx.model_zoo._shared import CIFAR10_CLASSES, require_shared
+from lrponnx.metadata import CLASSES_KEY, ZOO_KEY
 
 DEFAULT_SEED = 0
 
@@ -84,7 +85,7 @@ def build_bvlc(name: str, out_dir: str | Path, *, seed: int = DEFAULT_SEED) -> P
     convert = caffe_converter()
     model = convert(str(prototxt), None, random_weights=seed, mean=list(IMAGENET_MEAN_BGR), channel_order="bgr")
     # the converter records the weights ("lrponnx.weights": "random seed N (untrained)")
-    _set_meta(model, {"lrponnx.zoo": name})
+    _set_meta(model, {ZOO_KEY: name})
     if not model.doc_string:
         model.doc_string = f"{name}: BVLC {folder} architecture, UNTRAINED random weights (seed {seed})"
     return _save(model, name, out_dir)
@@ -99,9 +100,9 @@ def build_cifar10_full_caffe(out_dir: str | Path) -> Path:
     convert = caffe_converter()
     # the full mean image (what the net was trained with), recorded as a nested C x H x W list in the metadata
     model = convert(str(prototxt), str(caffemodel), mean_file=str(mean_file), channel_order="rgb")
-    meta = {"lrponnx.zoo": "cifar10-full-caffe"}
-    if not _has_meta(model, "lrponnx.classes"):
-        meta["lrponnx.classes"] = json.dumps(CIFAR10_CLASSES)
+    meta = {ZOO_KEY: "cifar10-full-caffe"}
+    if not _has_meta(model, CLASSES_KEY):
+        meta[CLASSES_KEY] = json.dumps(CIFAR10_CLASSES)
     _set_meta(model, meta)
     return _save(model, "cifar10-full-caffe", out_dir)
 

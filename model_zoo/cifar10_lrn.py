@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lrponnx.compiler.lrn_ops import FUNCTION_OPSET, ensure_lrn_function, make_within_channel_lrn
 
 from lrponnx.model_zoo._shared import CIFAR10_CLASSES, load_image_folder, onnx_accuracy, require_shared
+from lrponnx.metadata import CLASSES_KEY, PREPROCESSING_KEY, ZOO_KEY
 
 NAME = "cifar10-lrn"
 
@@ -204,8 +205,8 @@ def export_onnx(state_dict: dict, arch: Arch, mean: list[float], std: list[float
             "mean": [float(np.float32(m)) for m in mean], "scale": 1.0, "size": [32, 32], "embedded": False}
     if std is not None:
         prep["std"] = [float(np.float32(s)) for s in std]
-    meta = {"lrponnx.preprocessing": json.dumps(prep), "lrponnx.zoo": NAME,
-            "lrponnx.classes": json.dumps(CIFAR10_CLASSES)}
+    meta = {PREPROCESSING_KEY: json.dumps(prep), ZOO_KEY: NAME,
+            CLASSES_KEY: json.dumps(CIFAR10_CLASSES)}
     meta.update(extra_meta or {})
     helper.set_model_props(model, meta)
     onnx.checker.check_model(model, full_check=True)
@@ -214,7 +215,7 @@ def export_onnx(state_dict: dict, arch: Arch, mean: list[float], std: list[float
 
 def mean_of(model: onnx.ModelProto) -> list[float]:
     for p in model.metadata_props:
-        if p.key == "lrponnx.preprocessing":
+        if p.key == PREPROCESSING_KEY:
             return json.loads(p.value)["mean"]
     raise ValueError("no lrponnx.preprocessing metadata")
 

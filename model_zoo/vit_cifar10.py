@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from lrponnx.model_zoo._shared import CIFAR10_CLASSES, onnx_accuracy
+from lrponnx.metadata import CLASSES_KEY, COMPOSITE_KEY, PATCH_SIZE_KEY, PREPROCESSING_KEY, ZOO_KEY
 
 NAME = "vit-cifar10"
 COMPOSITE = "attnlrp"
@@ -78,8 +79,8 @@ def export_onnx(net, arch: Arch, mean: list[float], std: list[float], extra_meta
     model.doc_string = f"{NAME}: a small ViT trained on CIFAR-10 by lrponnx.model_zoo.vit_cifar10 (explain with attnlrp)"
     prep = {"input": "data", "channel_order": "rgb", "pixel_scale": 255.0, "mean": [float(np.float32(m)) for m in mean],
             "std": [float(np.float32(s)) for s in std], "scale": 1.0, "size": [arch.image_size] * 2, "embedded": False}
-    meta = {"lrponnx.preprocessing": json.dumps(prep), "lrponnx.zoo": NAME, "lrponnx.classes": json.dumps(CIFAR10_CLASSES),
-            "lrponnx.composite": COMPOSITE, "lrponnx.patch_size": str(arch.patch_size)}
+    meta = {PREPROCESSING_KEY: json.dumps(prep), ZOO_KEY: NAME, CLASSES_KEY: json.dumps(CIFAR10_CLASSES),
+            COMPOSITE_KEY: COMPOSITE, PATCH_SIZE_KEY: str(arch.patch_size)}
     meta.update(extra_meta or {})
     helper.set_model_props(model, meta)
     onnx.checker.check_model(model, full_check=True)

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from lrponnx.metadata import COMPOSITE_KEY, PATCH_SIZE_KEY
 
 
 def run_demo(output="demo_out", model: str | None = None) -> int:
@@ -81,7 +82,7 @@ def _run_side_by_side(output, name: str) -> int:
         import onnx
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        composite = meta.get("lrponnx.composite", "epsilon-plus-flat")
+        composite = meta.get(COMPOSITE_KEY, "epsilon-plus-flat")
         explainer_model = convert(str(path), composite=composite)
         stem = "explainer" if path == cnn_path else f"explainer_{name}"
         save_model(explainer_model, out / f"{stem}.onnx", inputs=[path])
@@ -93,7 +94,7 @@ def _run_side_by_side(output, name: str) -> int:
         results.append((path.name, composite, ex, ex.explain(x), photos, size))
     rows, labels = [], []
     (cnn_file, cnn_comp, cnn_ex, cnn_res, photos, size), (vit_file, vit_comp, vit_ex, vit_res, _, _) = results
-    patch = int(_meta_number(vit_ex, "lrponnx.patch_size", 4))
+    patch = int(_meta_number(vit_ex, PATCH_SIZE_KEY, 4))
     for k, (photo, rgb) in enumerate(photos):
         big = (size[0] * 4, size[1] * 4)
         cells = [Image.fromarray(rgb).resize(big[::-1], Image.Resampling.NEAREST)]

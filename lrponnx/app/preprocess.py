@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lrponnx.errors import LrpOnnxError
+from lrponnx.metadata import PREPROCESSING_KEY
 
 __all__ = [
     "METADATA_KEY",
@@ -53,7 +54,7 @@ __all__ = [
     "load_inputs",
 ]
 
-METADATA_KEY = "lrponnx.preprocessing"
+METADATA_KEY = PREPROCESSING_KEY
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )

@@ -10,9 +10,11 @@ import onnx
 import onnxruntime as ort
 
 from lrponnx import __version__
-from lrponnx.compiler.emit import FORMAT, TARGET_INPUT, convert
+from lrponnx.compiler.emit import convert
 from lrponnx.errors import InvalidModelError, LrpOnnxError
 from lrponnx.compiler.load import first_line, read_model
+from lrponnx.metadata import (CLASS_COUNT_KEY, CLASSES_KEY, FORMAT, FORMAT_KEY, OUTPUT_KEY, RELEVANCE_OUTPUTS_KEY,
+                              TARGET_INPUT, TARGET_INPUT_KEY, VERSION_KEY)
 
 
 @dataclass
@@ -64,7 +66,7 @@ def default_providers() -> list[str]:
 
 
 def is_explainer(model: onnx.ModelProto) -> bool:
-    return any(p.key == "lrponnx.version" for p in model.metadata_props)
+    return any(p.key == VERSION_KEY for p in model.metadata_props)
 
 
 def upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -77,13 +79,13 @@ def upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     upgraded copy (``model`` is left as it is) and a one-line note. Refuses explainers of a newer
     format than this lrponnx knows."""
     meta = {p.key: p for p in model.metadata_props}
-    fmt = meta["lrponnx.format"].value if "lrponnx.format" in meta else None
+    fmt = meta[FORMAT_KEY].value if FORMAT_KEY in meta else None
     if fmt == FORMAT:
         return model, None
     if fmt is not None:
         raise InvalidModelError(f"this explainer has lrponnx format {fmt}; this lrponnx ({__version__}) "
                                 f"reads format {FORMAT}: upgrade lrponnx or convert the model again")
-    name = meta["lrponnx.target_input"].value if "lrponnx.target_input" in meta else TARGET_INPUT
+    name = meta[TARGET_INPUT_KEY].value if TARGET_INPUT_KEY in meta else TARGET_INPUT
     old, model = model, onnx.ModelProto()
     model.CopyFrom(old)
     inits = [t for t in model.graph.initializer if t.name == name]
@@ -91,8 +93,8 @@ def upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
         raise InvalidModelError(f"this explainer has no {name!r} input (not written by lrponnx?)")
     for t in inits:
         model.graph.initializer.remove(t)
-    model.metadata_props.append(onnx.StringStringEntryProto(key="lrponnx.format", value=FORMAT))
-    version = meta["lrponnx.version"].value if "lrponnx.version" in meta else "?"
+    model.metadata_props.append(onnx.StringStringEntryProto(key=FORMAT_KEY, value=FORMAT))
+    version = meta[VERSION_KEY].value if VERSION_KEY in meta else "?"
     return model, (f"this explainer was written by lrponnx {version} before input format {FORMAT} (optional "
                    f"'{name}'); upgraded in memory to a required '{name}' input (same graph, -1 = predicted "
                    f"class); convert the model again to update the file")
@@ -124,8 +126,8 @@ class Explainer:
         self.model = proto
         meta = {p.key: p.value for p in proto.metadata_props}
         self.metadata = meta
-        self.target_input = meta.get("lrponnx.target_input", TARGET_INPUT)
-        self.relevance_outputs: dict[str, str] = json.loads(meta["lrponnx.relevance_outputs"])
+        self.target_input = meta.get(TARGET_INPUT_KEY, TARGET_INPUT)
+        self.relevance_outputs: dict[str, str] = json.loads(meta[RELEVANCE_OUTPUTS_KEY])
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = {
@@ -144,18 +146,18 @@ class Explainer:
         rel = set(self.relevance_outputs.values())
         self.model_outputs = [o for o in outs if o not in rel and not o.startswith("lrp_")]
         # the output whose class is explained (--explain-output); older explainers: the first
-        chosen = meta.get("lrponnx.output")
+        chosen = meta.get(OUTPUT_KEY)
         self.scores_output = chosen if chosen in self.model_outputs else self.model_outputs[0]
 
     def _class_count(self) -> int | None:
-        if "lrponnx.class_count" in self.metadata:
-            return int(self.metadata["lrponnx.class_count"])
+        if CLASS_COUNT_KEY in self.metadata:
+            return int(self.metadata[CLASS_COUNT_KEY])
         shape = self.session.get_outputs()[0].shape
         return shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
 
     @property
     def classes(self) -> list[str] | None:
-        names = self.metadata.get("lrponnx.classes")
+        names = self.metadata.get(CLASSES_KEY)
         return json.loads(names) if names else None
 
     def _feed(self, name: str, value) -> np.ndarray:

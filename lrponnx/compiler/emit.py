@@ -26,13 +26,9 @@ from lrponnx.compiler.load import first_line, prepare, read_model, skeleton
 from lrponnx.ops import TARGET_RUNTIMES, Ctx, Unsupported, combine, load_handlers
 from lrponnx.compiler.units import Unit, build_units
 from lrponnx.compiler.view import ModelView
+from lrponnx import metadata as M
+from lrponnx.metadata import FORMAT, TARGET_INPUT  # noqa: F401  (re-exported: the format and input name)
 
-TARGET_INPUT = "target"
-#: The explainer's input contract. "2": ``target`` is an ordinary required int64 input of shape
-#: [N] (N = the first input's batch dimension), -1 = explain the argmax. Before "2" (no
-#: ``lrponnx.format`` key) ``target`` was an optional input with a [-1] initializer, which
-#: onnxruntime-node ignores and onnxruntime-web rejects; :mod:`lrponnx.app.runtime` upgrades those.
-FORMAT = "2"
 SEEDS = ("logit", "one")
 
 
@@ -173,9 +169,9 @@ def _dry_run_offenders(view: ModelView, units: list[Unit], logits: str) -> list[
 def _bounds_from_metadata(model: onnx.ModelProto):
     """zbox bounds in model input units from the preprocessing metadata (pixel range mapped)."""
     meta = {p.key: p.value for p in model.metadata_props}
-    if "lrponnx.preprocessing" not in meta:
+    if M.PREPROCESSING_KEY not in meta:
         return None, None
-    pre = json.loads(meta["lrponnx.preprocessing"])
+    pre = json.loads(meta[M.PREPROCESSING_KEY])
     if pre.get("embedded"):
         return 0.0, float(pre.get("pixel_scale", 255.0))
     mean = np.asarray(pre.get("mean", 0.0), dtype=np.float64)
@@ -289,7 +285,7 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         g.output(name, TensorProto.FLOAT, shape)
     prune_dead(explainer.graph, g.prefix)  # after every output is in place (--layer-relevance reads more)
     _write_metadata(explainer, p, composite, seed, names, sorted(ctx.forward))
-    explainer.metadata_props.append(onnx.StringStringEntryProto(key="lrponnx.target_runtime", value=target_runtime))
+    explainer.metadata_props.append(onnx.StringStringEntryProto(key=M.TARGET_RUNTIME_KEY, value=target_runtime))
     state_spatial_attributes(explainer)  # the model's own Convs and pools too (WebGPU reads them)
     _check(explainer, model)
     return explainer
@@ -332,7 +328,7 @@ def _check(explainer: onnx.ModelProto, original) -> None:
         raise RuntimeError(f"lrponnx built an invalid explainer (please report): {first_line(error)}") from error
     onnx.checker.check_model(sk)
     explainer.metadata_props.append(onnx.StringStringEntryProto(
-        key="lrponnx.check", value="structural only: the original model fails onnx's strict shape inference"))
+        key=M.CHECK_KEY, value="structural only: the original model fails onnx's strict shape inference"))
 
 
 def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
@@ -457,17 +453,17 @@ def _write_metadata(model: onnx.ModelProto, p: Plan, composite: str, seed: str, 
                     recomputed: list) -> None:
     rules = {u.name: str(u.rule) for u in p.units if u.rule is not None}
     meta = {
-        "lrponnx.version": __version__,
-        "lrponnx.format": FORMAT,
-        "lrponnx.composite": composite,
-        "lrponnx.seed": seed,
-        "lrponnx.logits": p.logits,
-        "lrponnx.target_input": TARGET_INPUT,
-        "lrponnx.class_count": str(p.view.shape(p.logits)[1]),
-        "lrponnx.output": p.output or p.logits,
-        "lrponnx.relevance_outputs": json.dumps(names),
-        "lrponnx.rules": json.dumps(rules),
-        "lrponnx.forward_recomputed": json.dumps(recomputed),  # forward tensors made by other ops
+        M.VERSION_KEY: __version__,
+        M.FORMAT_KEY: FORMAT,
+        M.COMPOSITE_KEY: composite,
+        M.SEED_KEY: seed,
+        M.LOGITS_KEY: p.logits,
+        M.TARGET_INPUT_KEY: TARGET_INPUT,
+        M.CLASS_COUNT_KEY: str(p.view.shape(p.logits)[1]),
+        M.OUTPUT_KEY: p.output or p.logits,
+        M.RELEVANCE_OUTPUTS_KEY: json.dumps(names),
+        M.RULES_KEY: json.dumps(rules),
+        M.FORWARD_RECOMPUTED_KEY: json.dumps(recomputed),  # forward tensors made by other ops
     }
     existing = {m.key: m for m in model.metadata_props}
     for k, v in meta.items():

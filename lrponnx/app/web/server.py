@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrponnx.errors import InvalidModelError, LrpOnnxError
+from lrponnx.metadata import (CLASS_COUNT_KEY, CLASSES_KEY, COMPOSITE_KEY, LOGITS_KEY, RELEVANCE_OUTPUTS_KEY,
+                              TARGET_INPUT, TARGET_INPUT_KEY, VERSION_KEY, ZOO_KEY)
 
 __all__ = ["WebError", "ORT_ENV", "find_ort_dist", "prepare", "page_meta", "WebApp", "make_server", "serve"]
 
@@ -125,9 +127,9 @@ def page_meta(model, name: str = "explainer.onnx") -> tuple[dict, list[str]]:
                                 f"first: lrponnx convert {name} -o explainer.onnx")
     notes = []
     meta = {p.key: p.value for p in model.metadata_props}
-    target = meta.get("lrponnx.target_input", "target")
+    target = meta.get(TARGET_INPUT_KEY, TARGET_INPUT)
     try:
-        relevance_outputs = json.loads(meta["lrponnx.relevance_outputs"])
+        relevance_outputs = json.loads(meta[RELEVANCE_OUTPUTS_KEY])
     except (KeyError, ValueError):
         raise InvalidModelError(f"{name}: its lrponnx.relevance_outputs metadata is missing or not JSON") from None
     inits = {i.name for i in model.graph.initializer}
@@ -163,8 +165,8 @@ def page_meta(model, name: str = "explainer.onnx") -> tuple[dict, list[str]]:
         raise InvalidModelError(f"{name}: the explainer has no model output besides the relevance")
     scores = model_outputs[0]
     score_shape = _dims(next(o for o in model.graph.output if o.name == scores))
-    classes = json.loads(meta["lrponnx.classes"]) if meta.get("lrponnx.classes") else None
-    count = meta.get("lrponnx.class_count")
+    classes = json.loads(meta[CLASSES_KEY]) if meta.get(CLASSES_KEY) else None
+    count = meta.get(CLASS_COUNT_KEY)
     count = int(count) if count else (score_shape[1] if len(score_shape) == 2 and isinstance(score_shape[1], int)
                                       else (len(classes) if classes else None))
     out = {
@@ -173,15 +175,15 @@ def page_meta(model, name: str = "explainer.onnx") -> tuple[dict, list[str]]:
         "input": {"name": inp.name, "shape": shape},
         "target_input": target,
         "scores_output": scores,
-        "logits": meta.get("lrponnx.logits"),
+        "logits": meta.get(LOGITS_KEY),
         "relevance_output": relevance_outputs[inp.name] if inp.name in relevance_outputs
         else next(iter(relevance_outputs.values())),
         "class_count": count,
         "classes": classes,
         "preprocessing": pre.to_dict(),
-        "composite": meta.get("lrponnx.composite"),
-        "lrponnx_version": meta.get("lrponnx.version"),
-        "zoo": meta.get("lrponnx.zoo"),
+        "composite": meta.get(COMPOSITE_KEY),
+        "lrponnx_version": meta.get(VERSION_KEY),
+        "zoo": meta.get(ZOO_KEY),
     }
     return out, notes
 
