@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lrponnx.errors import LrpOnnxError
 from lrponnx.app.perturbation import (Curve, LogitModel, aopc, compare_heatmaps, draw_noise, evaluate, morf_order,
                                   noise_bounds, perturbation_curves, perturbed_inputs, random_order,
                                   region_map, region_scores)
@@ -247,3 +248,64 @@ def test_mean_replacement_is_the_data_mean():
     np.testing.assert_allclose(draw_noise((C, H, W), lo, hi, 0, 0), data.mean(0), rtol=1e-6)
     with pytest.raises(Exception):
         noise_bounds("pixel", (C, H, W), data=data)
+
+
+# ---------------------------------------------------------------------------------------------- --explain-output
+def _two_head_model(path=None):
+    """x -> Flatten -> Gemm Wa -> logits -> Softmax -> prob [N,3], and a second head Gemm Wb -> box [N,4]."""
+    rng = np.random.default_rng(7)
+    Wa = rng.normal(size=(K, C * H * W)).astype(np.float32)
+    Wb = rng.normal(size=(4, C * H * W)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1, name="flatten"),
+             helper.make_node("Gemm", ["flat", "Wa"], ["logits"], transB=1, name="fa"),
+             helper.make_node("Softmax", ["logits"], ["prob"], axis=1, name="softmax"),
+             helper.make_node("Gemm", ["flat", "Wb"], ["box"], transB=1, name="fb")]
+    g = helper.make_graph(nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, H, W])],
+                          [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", K]),
+                           helper.make_tensor_value_info("box", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(Wa, "Wa"), numpy_helper.from_array(Wb, "Wb")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    if path is not None:
+        onnx.save(m, str(path))
+    return m, Wb.reshape(4, C, H, W)
+
+
+def test_evaluate_scores_the_explained_output():
+    """The forward-only scoring follows --explain-output: targets, f0 and the curves are the chosen head's."""
+    m, Wb = _two_head_model()
+    x = np.random.default_rng(8).normal(size=(5, C, H, W)).astype(np.float32)
+    res = evaluate(m, x, {"eps": dict(composite="epsilon-plus", epsilon=1e-9)}, region=4, seed=1, noise="data",
+                   progress=False, keep_relevance=True, output="box")
+    box = x.reshape(5, -1) @ Wb.reshape(4, -1).T
+    t = box.argmax(1)
+    assert res.config["logits"] == "box"
+    np.testing.assert_array_equal(res.target, t)
+    np.testing.assert_allclose(res.f0, box[np.arange(5), t], rtol=1e-4)
+    np.testing.assert_allclose(res.relevance["eps"], x * Wb[t], rtol=1e-3, atol=1e-4)
+    # the convert kwargs may carry the output instead (as the CLI's rule flags do)
+    again = evaluate(m, x, {"eps": dict(composite="epsilon-plus", epsilon=1e-9, output="box")}, region=4, seed=1,
+                     noise="data", progress=False)
+    np.testing.assert_allclose(again.curves["eps"].f, res.curves["eps"].f, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LrpOnnxError, match="different outputs"):
+        evaluate(m, x, {"eps": dict(composite="epsilon-plus", output="box")}, output="prob", progress=False)
+
+
+def test_cli_evaluate_explain_output(tmp_path, capsys):
+    from lrponnx.app.cli import main
+
+    _, Wb = _two_head_model(tmp_path / "two.onnx")
+    x = np.random.default_rng(9).normal(size=(3, C, H, W)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    args = [str(tmp_path / "x.npy"), "--composite", "epsilon-plus", "--steps", "2", "--no-progress"]
+    assert main(["evaluate", str(tmp_path / "two.onnx"), *args, "--explain-output", "box",
+                 "-o", str(tmp_path / "ev")]) == 0
+    d = json.loads((tmp_path / "ev" / "aopc.json").read_text())
+    assert d["config"]["logits"] == "box"
+    # an explainer of one head cannot be scored on another
+    assert main(["convert", str(tmp_path / "two.onnx"), "-o", str(tmp_path / "ex.onnx"), "--composite",
+                 "epsilon-plus", "--explain-output", "box"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ex.onnx"), str(tmp_path / "x.npy"), "--steps", "2", "--no-progress",
+                 "--explain-output", "prob", "-o", str(tmp_path / "ev2")]) == 2
+    assert "explains 'box'" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def run(args) -> int:
         methods = {f"{label} lrn={kw['lrn_rule']}": kw}
     result = evaluate(model, x, methods, region=args.region, steps=args.steps, seed=args.rng_seed, noise=args.noise,
                       preprocessing=pre, names=names, providers=_providers(args.provider), threads=args.threads,
-                      batch_size=args.batch_size, progress=not args.no_progress)
+                      batch_size=args.batch_size, progress=not args.no_progress, output=args.explain_output)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     save_json(result, out / "aopc.json", extra={"model": str(args.model), "inputs": [str(i) for i in args.inputs],

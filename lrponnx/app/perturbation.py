@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from lrponnx.errors import LrpOnnxError
+from lrponnx.metadata import LOGITS_KEY, OUTPUT_KEY
 
 __all__ = ["region_map", "region_scores", "morf_order", "random_order", "noise_bounds", "draw_noise",
            "perturbed_inputs", "aopc", "Curve", "Evaluation", "LogitModel", "perturbation_curves",
@@ -165,14 +166,20 @@ def aopc(f) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # the forward model
 # --------------------------------------------------------------------------------------------------
-def _logits_name(model: onnx.ModelProto) -> str:
+def _logits_name(model: onnx.ModelProto, output: str | None = None) -> str:
+    """The class-score tensor that is scored: the one the compiler explains for ``output``
+    (``--explain-output``; None: the compiler's default choice)."""
     meta = {p.key: p.value for p in model.metadata_props}
-    if "lrponnx.logits" in meta:                         # an explainer knows what it explains
-        return meta["lrponnx.logits"]
+    if LOGITS_KEY in meta:                         # an explainer knows what it explains
+        logits = meta[LOGITS_KEY]
+        if output is not None and output not in (logits, meta.get(OUTPUT_KEY)):
+            raise LrpOnnxError(f"this explainer explains {logits!r}, not {output!r}; convert the plain model "
+                               f"with --explain-output {output}")
+        return logits
     from lrponnx.compiler.emit import find_logits  # the same choice as the compiler's
     from lrponnx.compiler.view import ModelView
 
-    return find_logits(ModelView(model))
+    return find_logits(ModelView(model), output)
 
 
 def keep_outputs(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -205,9 +212,9 @@ def keep_outputs(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return m
 
 
-def _forward_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+def _forward_only(model: onnx.ModelProto, output: str | None = None) -> tuple[onnx.ModelProto, str]:
     """A copy whose only output is the logits tensor, with the nodes it does not need removed."""
-    logits = _logits_name(model)
+    logits = _logits_name(model, output)
     return keep_outputs(model, [logits]), logits
 
 
@@ -233,14 +240,16 @@ def _free_batch(model: onnx.ModelProto) -> onnx.ModelProto | None:
 class LogitModel:
     """Forward-only ONNX Runtime session returning the explained logits ``[N, K]`` of a plain model or of
     an explainer (its forward part). Runs in chunks of ``batch_size``; a model with a hard-wired batch of
-    1 is given a free batch dimension when that works, else it is run one sample at a time."""
+    1 is given a free batch dimension when that works, else it is run one sample at a time. ``output``:
+    the model output whose class scores are explained (``--explain-output``), as in ``convert``."""
 
-    def __init__(self, model, *, providers=None, threads: int | None = None, batch_size: int = 1024):
+    def __init__(self, model, *, providers=None, threads: int | None = None, batch_size: int = 1024,
+                 output: str | None = None):
         import onnxruntime as ort
 
         from lrponnx.compiler.load import read_model
 
-        proto, self.logits = _forward_only(read_model(model))
+        proto, self.logits = _forward_only(read_model(model), output)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -418,6 +427,17 @@ def lrn_methods(base: dict, rules=("identity", "taylor"), prefix: str = "") -> d
 # --------------------------------------------------------------------------------------------------
 # the whole evaluation
 # --------------------------------------------------------------------------------------------------
+def _one_output(methods: dict, output: str | None) -> str | None:
+    """The output every method explains: ``output``, or the one the convert kwargs name."""
+    named = {v["output"] for v in methods.values() if isinstance(v, dict) and v.get("output") is not None}
+    if output is not None:
+        named.add(output)
+    if len(named) > 1:
+        raise LrpOnnxError(f"the methods explain different outputs ({', '.join(sorted(named))}); "
+                           "evaluate one output at a time")
+    return next(iter(named), None)
+
+
 def _explainer_batch(explainer) -> int | None:
     """The explainer's fixed batch size, or None when the batch dimension is free."""
     inputs = [i for i in explainer.session.get_inputs() if i.name in explainer.input_names]
@@ -428,13 +448,16 @@ def _explainer_batch(explainer) -> int | None:
 def evaluate(model, x, methods: dict, *, region: int = 4, steps: int | None = None, seed: int = 0,
              noise: str = "auto", preprocessing=None, names=None, providers=None, threads: int | None = None,
              batch_size: int = 1024, explain_batch: int = 64, images_per_call: int | None = None,
-             keep_relevance: bool = False, progress: bool = True, compare: list | None = None) -> Evaluation:
+             keep_relevance: bool = False, progress: bool = True, compare: list | None = None,
+             output: str | None = None) -> Evaluation:
     """Region perturbation (MoRF) of ``x [N,C,H,W]`` for every method, plus the random baseline.
 
     ``model``: a plain ONNX model (path or proto). ``methods``: ``{name: convert kwargs}``; a value may
     instead be a ready :class:`lrponnx.Explainer` or an explainer model. ``steps``: L (default: all
     regions). ``compare``: pairs of method names whose heatmaps :func:`compare_heatmaps` describes
-    (default: every pair ``(.. lrn=identity, .. lrn=taylor)`` with the same prefix).
+    (default: every pair ``(.. lrn=identity, .. lrn=taylor)`` with the same prefix). ``output``: the
+    model output whose class scores are explained and scored (``--explain-output``); convert kwargs
+    that name an ``output`` must name the same one.
     """
     from tqdm import tqdm
 
@@ -449,8 +472,11 @@ def evaluate(model, x, methods: dict, *, region: int = 4, steps: int | None = No
     steps = n_regions if steps is None else int(steps)
     if not 1 <= steps <= n_regions:
         raise LrpOnnxError(f"--steps must be between 1 and the number of regions ({n_regions}); got {steps}")
+    output = _one_output(methods, output)
+    if output is not None:
+        methods = {k: ({**v, "output": output} if isinstance(v, dict) else v) for k, v in methods.items()}
     proto = read_model(model)
-    forward = LogitModel(proto, providers=providers, threads=threads, batch_size=batch_size)
+    forward = LogitModel(proto, providers=providers, threads=threads, batch_size=batch_size, output=output)
     per_call = images_per_call or max(1, batch_size // (steps + 1))
     low, high, noise_desc = noise_bounds(noise, (c, h, w), preprocessing=preprocessing, data=x)
     noises = np.stack([draw_noise((c, h, w), low, high, seed, k) for k in range(n)])
@@ -479,6 +505,10 @@ def evaluate(model, x, methods: dict, *, region: int = 4, steps: int | None = No
                 explainer = Explainer(proto, providers=providers, threads=threads, **spec)
             else:
                 explainer = Explainer(spec, providers=providers, threads=threads)
+            explained = explainer.metadata.get(LOGITS_KEY, forward.logits)
+            if explained != forward.logits:  # relevance of one head, perturbation scored on another
+                raise LrpOnnxError(f"method {name!r} explains {explained!r} but the scores are {forward.logits!r}; "
+                                   "give the same output to both")
             eb = _explainer_batch(explainer) or explain_batch
             rel = np.empty_like(x)
             for s in range(0, n, eb):
