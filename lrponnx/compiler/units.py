@@ -19,50 +19,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lrponnx.compiler import lrn_ops
+from lrponnx.compiler import geometry, lrn_ops
+from lrponnx.compiler.linear_layers import (ConvLayer, ConvTransposeLayer, GemmLayer, LinearLayer,
+                                            MatMulLayer)
 from lrponnx.compiler.view import ModelView, attrs_of
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-class LinearParams:
-    """``z = W x + b`` in the op's own weight layout.
-
-    kind: "conv" (W [M, C/g, *k]), "convtranspose" (W [C, M/g, *k]), "gemm" (W [M, K]: out x in),
-    "matmul" (W [K, M]). ``attrs`` holds explicit strides/pads/dilations/group (conv kinds).
-
-    ``W`` is float32 and read from the model's initializer each time it is asked for, unless a
-    folded BatchNorm changed it: large models are not held twice in memory. While ``source`` is
-    set, the initializer of that name holds ``W`` unchanged (transposed if ``source_transposed``),
-    so rules that need the plain weight reuse it instead of storing a copy.
-    """
-
-    def __init__(self, kind: str, b: np.ndarray, attrs: dict, x_shape, z_shape, *, view: ModelView | None = None,
-                 source: str | None = None, source_transposed: bool = False, W: np.ndarray | None = None):
-        self.kind, self.b, self.attrs, self.x_shape, self.z_shape = kind, b, attrs, x_shape, z_shape
-        self._view, self.source, self.source_transposed = view, source, source_transposed
-        self._W = None if W is None else np.asarray(W, dtype=np.float32)
-        if W is not None:
-            self.source = None
-
-    @property
-    def W(self) -> np.ndarray:
-        if self._W is not None:
-            return self._W
-        W = self._view.value(self.source).astype(np.float32, copy=False)
-        return W.T if self.source_transposed else W
-
-    @W.setter
-    def W(self, value: np.ndarray) -> None:
-        self._W = np.asarray(value, dtype=np.float32)
-        self.source = None
-
-    @property
-    def weight_shape(self) -> tuple:
-        if self._W is not None:
-            return self._W.shape
-        shape = tuple(self._view.shape(self.source))
-        return shape[::-1] if self.source_transposed else shape
 
 
 @dataclass
@@ -73,7 +35,7 @@ class Unit:
     nodes: list[onnx.NodeProto]
     inputs: list[str]         # data inputs (tensors that depend on a model input)
     output: str
-    info: Any = None          # LinearParams, LrnSpec or the node's attributes
+    info: Any = None          # a LinearLayer, LrnSpec or the node's attributes
     rule: Any = None          # set by composites.assign_rules
     first: bool = False       # a first linear layer (reached from an input without another linear layer)
     index: int = 0            # position of its first node in the graph
@@ -146,8 +108,8 @@ def _lrn_unit(view: ModelView, node: onnx.NodeProto) -> Unit | None:
 def _linear_unit(view: ModelView, node: onnx.NodeProto) -> Unit | None:
     if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
         return None
-    params = _linear_params(view, node)
-    if params is None:
+    layer = _linear_layer(view, node)
+    if layer is None:
         return None  # e.g. a weight computed at run time: the plain unit reports it
     nodes = [node]
     out = node.output[0]
@@ -156,22 +118,24 @@ def _linear_unit(view: ModelView, node: onnx.NodeProto) -> Unit | None:
         nxt = view.only_consumer(out)
         if nxt is None:
             break
-        if nxt.op_type == "Add" and _absorb_bias(view, params, nxt, out):
+        if nxt.op_type == "Add" and _absorb_bias(view, layer, nxt, out):
             pass
-        elif nxt.op_type == "BatchNormalization" and _absorb_batchnorm(view, params, nxt):
+        elif nxt.op_type == "BatchNormalization" and _absorb_batchnorm(view, layer, nxt):
             pass
         else:
             break
         nodes.append(nxt)
         out = nxt.output[0]
-    params.z_shape = view.shape(out)
+    layer.z_shape = view.shape(out)
     x = node.input[0]
     return Unit(kind="Linear", name=node.name, op_type=node.op_type, nodes=nodes, inputs=[x],
-                output=out, info=params,
+                output=out, info=layer,
                 notes=[f"folded {n.op_type} {n.name!r}" for n in nodes[1:]])
 
 
-def _linear_params(view: ModelView, node: onnx.NodeProto) -> LinearParams | None:
+def _linear_layer(view: ModelView, node: onnx.NodeProto) -> LinearLayer | None:
+    """The layer object of a Conv/ConvTranspose/Gemm/MatMul node with constant weights (None: the
+    weight is computed at run time, or a form we do not read: the plain unit reports it)."""
     ins = list(node.input) + [""] * 3
     a = attrs_of(node)
     if node.op_type == "MatMul":
@@ -181,18 +145,17 @@ def _linear_params(view: ModelView, node: onnx.NodeProto) -> LinearParams | None
         shape = view.shape(w)
         if shape is None or len(shape) != 2:
             return None
-        return LinearParams("matmul", np.zeros(shape[1]), {}, view.shape(x), None, view=view, source=w)
+        return MatMulLayer(np.zeros(shape[1]), view.shape(x), view=view, source=w)
     if node.op_type == "Gemm":
         x, w, c = ins[0], ins[1], ins[2]
         if not view.is_const(w) or (c and not view.is_const(c)) or a.get("transA", 0):
             return None
         transposed = not a.get("transB", 0)  # W is kept as [out, in]
-        params = LinearParams("gemm", None, {}, view.shape(x), None, view=view, source=w,
-                              source_transposed=transposed)
+        layer = GemmLayer(None, view.shape(x), view=view, source=w, source_transposed=transposed)
         alpha = float(a.get("alpha", 1.0))
         if alpha != 1.0:
-            params.W = params.W.astype(np.float64) * alpha
-        M = params.weight_shape[0]
+            layer.W = layer.W.astype(np.float64) * alpha
+        M = layer.weight_shape[0]
         b = np.zeros(M)
         if c:
             cv = view.value(c).astype(np.float64) * float(a.get("beta", 1.0))
@@ -200,8 +163,8 @@ def _linear_params(view: ModelView, node: onnx.NodeProto) -> LinearParams | None
             if cv.ndim > 2 or (cv.ndim == 2 and cv.shape[0] != 1) or cv.size not in (1, M):
                 return None
             b = b + np.broadcast_to(cv.reshape(-1), (M,))
-        params.b = b
-        return params
+        layer.b = b
+        return layer
     # Conv / ConvTranspose
     x, w, c = ins[0], ins[1], ins[2]
     if not view.is_const(w) or (c and not view.is_const(c)):
@@ -209,96 +172,48 @@ def _linear_params(view: ModelView, node: onnx.NodeProto) -> LinearParams | None
     w_shape = view.shape(w)
     if w_shape is None or len(w_shape) < 3:
         return None
-    kind = "conv" if node.op_type == "Conv" else "convtranspose"
+    transpose = node.op_type == "ConvTranspose"
     group = int(a.get("group", 1))
-    M = w_shape[0] if kind == "conv" else w_shape[1] * group
+    M = w_shape[1] * group if transpose else w_shape[0]
     b = view.value(c).astype(np.float64).reshape(M) if c else np.zeros(M)
     x_shape = view.shape(x)
     spatial = len(w_shape) - 2
-    attrs = {
-        "strides": list(a.get("strides", [1] * spatial)),
-        "dilations": list(a.get("dilations", [1] * spatial)),
-        "group": group,
-        "pads": list(a.get("pads", [0] * (2 * spatial))),
-    }
-    if kind == "convtranspose":
-        attrs["output_padding"] = list(a.get("output_padding", [0] * spatial))
-        if "output_shape" in a:
-            return None  # rare; the plain unit reports it as unsupported
+    geo = dict(strides=list(a.get("strides", [1] * spatial)), dilations=list(a.get("dilations", [1] * spatial)),
+               group=group, pads=list(a.get("pads", [0] * (2 * spatial))))
+    if transpose and "output_shape" in a:
+        return None  # rare; the plain unit reports it as unsupported
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "VALID"):
-        if kind != "conv" or x_shape is None or any(d is None for d in x_shape[2:]):
+        if transpose or x_shape is None or any(d is None for d in x_shape[2:]):
             return None
-        attrs["pads"] = _same_pads(x_shape[2:], list(w_shape[2:]), attrs, upper=auto_pad == "SAME_UPPER")
-    return LinearParams(kind, b, attrs, x_shape, None, view=view, source=w)
+        geo["pads"] = geometry.same_pads(x_shape[2:], list(w_shape[2:]), geo["strides"], geo["dilations"],
+                                         upper=auto_pad == "SAME_UPPER")
+    if transpose:
+        return ConvTransposeLayer(b, x_shape, output_padding=list(a.get("output_padding", [0] * spatial)),
+                                  view=view, source=w, **geo)
+    return ConvLayer(b, x_shape, view=view, source=w, **geo)
 
 
-def _same_pads(size, kernel, attrs, upper: bool) -> list[int]:
-    begin, end = [], []
-    for n, k, s, d in zip(size, kernel, attrs["strides"], attrs["dilations"]):
-        out = -(-n // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
-        small, big = total // 2, total - total // 2
-        begin.append(small if upper else big)
-        end.append(big if upper else small)
-    return begin + end
-
-
-def _channel_vector(value: np.ndarray, M: int, params: LinearParams) -> np.ndarray | None:
-    """A constant that only varies along the output channel axis, as a length-M vector."""
-    v = np.asarray(value, dtype=np.float64)
-    if v.size == 1:
-        return np.full(M, float(v.reshape(())))
-    if v.size != M:
-        return None
-    z_rank = len(params.x_shape) if params.x_shape is not None else None
-    if params.kind in ("conv", "convtranspose"):
-        # Broadcast against [N, M, *spatial]: the channel axis is at position -(rank-1).
-        if z_rank is None:
-            return None
-        full = [1] * (z_rank - v.ndim) + list(v.shape)
-        if full[1] != M:
-            return None
-    elif v.shape[-1] != M:
-        return None
-    return v.reshape(M)
-
-
-def _absorb_bias(view: ModelView, params: LinearParams, add: onnx.NodeProto, z: str) -> bool:
+def _absorb_bias(view: ModelView, layer: LinearLayer, add: onnx.NodeProto, z: str) -> bool:
     other = add.input[1] if add.input[0] == z else add.input[0]
     if not view.is_const(other):
         return False
-    M = params.b.shape[0]
-    vec = _channel_vector(view.value(other), M, params)
+    vec = layer.channel_vector(view.value(other))
     if vec is None:
         return False
-    params.b = params.b + vec
+    layer.b = layer.b + vec
     return True
 
 
-def _absorb_batchnorm(view: ModelView, params: LinearParams, bn: onnx.NodeProto) -> bool:
+def _absorb_batchnorm(view: ModelView, layer: LinearLayer, bn: onnx.NodeProto) -> bool:
     if len([o for o in bn.output if o]) != 1 or not all(view.is_const(i) for i in bn.input[1:5]):
         return False
-    if params.kind not in ("conv", "convtranspose", "gemm"):
+    if not layer.folds_batchnorm:
         return False
     scale, bias, mean, var = (view.value(i).astype(np.float64) for i in bn.input[1:5])
     eps = float(attrs_of(bn).get("epsilon", 1e-5))
     s = scale / np.sqrt(var + eps)
-    params.W = scale_output_channels(params, s)  # float64 product, stored as float32
-    params.b = (params.b - mean) * s + bias
+    layer.W = layer.scale_output_channels(s)  # float64 product, stored as float32
+    layer.b = (layer.b - mean) * s + bias
     return True
-
-
-def scale_output_channels(params: LinearParams, s: np.ndarray) -> np.ndarray:
-    W = params.W.astype(np.float64)
-    if params.kind == "conv" or params.kind == "gemm":
-        return W * s.reshape((-1,) + (1,) * (W.ndim - 1))
-    if params.kind == "matmul":
-        return W * s.reshape(1, -1)
-    # convtranspose: W [C, M/g, *k]; output channel o = group * (M/g) + j
-    g = params.attrs["group"]
-    C, Mg = W.shape[0], W.shape[1]
-    Wg = W.reshape((g, C // g, Mg) + W.shape[2:])
-    Wg = Wg * s.reshape((g, 1, Mg) + (1,) * (W.ndim - 2))
-    return Wg.reshape(W.shape)
