@@ -181,7 +181,7 @@ def bench_lrn(batches, threads, repeats) -> str:
 def wta_model(chw, k, s, pads, batch, target_runtime) -> onnx.ModelProto:
     """x -> MaxPool -> y, and the library's winner-take-all of a relevance input R: output r_x."""
     from lrponnx.compiler.builder import GraphBuilder
-    from lrponnx.rules.composites import Rule
+    from lrponnx.rules import make_rule
     from lrponnx.compiler.load import prepare
     from lrponnx.ops import Ctx, load_handlers
     from lrponnx.compiler.units import build_units
@@ -193,7 +193,7 @@ def wta_model(chw, k, s, pads, batch, target_runtime) -> onnx.ModelProto:
                                 [vi("y", TensorProto.FLOAT, [batch, C, "h", "w"])]))
     view = ModelView(model)
     (unit,) = [u for u in build_units(view) if u.op_type == "MaxPool"]
-    unit.rule = Rule("winner-take-all")
+    unit.rule = make_rule("winner-take-all")
     ys = view.shape("y")
     model.graph.input.append(vi("R", TensorProto.FLOAT, ys))
     g = GraphBuilder(model.graph)

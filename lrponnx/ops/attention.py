@@ -115,7 +115,7 @@ def uniform_matmul(ctx: Ctx, unit: Unit, R: str) -> dict:
     if ra < 2 or rb < 2:
         raise Unsupported("a MatMul of two activations with a 1-D operand")
     g = ctx.g
-    eps = float(unit.rule.params.get("epsilon", 0.0)) if unit.rule is not None else 0.0
+    eps = 0.0  # the uniform rule has no stabiliser: the eps-0 decomposition
     t = g.op("Mul", ctx.stab_div(R, o, eps, hint="q_uniform"), g.const(0.5), hint="t_uniform")
     out = {}
     o_shape, a_shape, b_shape = ctx.view.shape(o), ctx.view.shape(a), ctx.view.shape(b)

@@ -75,7 +75,7 @@ def layer_norm_relevance(ctx: Ctx, unit: Unit, R: str, spec: LayerNormSpec) -> d
         centred = g.op("Sub", x, _mean(ctx, x, axes, n, "ln_mean"), hint="ln_centred")
         var = _mean(ctx, g.op("Mul", centred, centred, hint="ln_sq"), axes, n, "ln_var")
         sigma = g.op("Sqrt", g.op("Add", var, g.const(float(spec.eps)), hint="ln_var_eps"), hint="ln_sigma")
-    s = ctx.stab_div(R, unit.output, unit.rule.params.get("epsilon", 1e-6), hint="q_ln")
+    s = ctx.stab_div(R, unit.output, unit.rule.epsilon, hint="q_ln")
     gs = s if spec.gamma is None else g.op("Mul", s, g.const(spec.gamma, hint=f"{unit.name}/gamma"), hint="ln_sg")
     gq = g.op("Div", gs, sigma, hint="ln_g")
     centred_g = g.op("Sub", gq, _mean(ctx, gq, axes, n, "ln_g_mean"), hint="ln_g_centred")

@@ -159,8 +159,7 @@ def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
         x2, s = _scale(ctx, x, spec, rank, channels)
     if unit.rule.name == "identity":
         return {x: R}
-    eps = float(unit.rule.params.get("epsilon", 1e-6))
-    denominator = unit.rule.params.get("denominator", "sum")
+    eps, denominator = unit.rule.epsilon, unit.rule.denominator  # the rule: lrponnx/rules/lrn.py
     entries = _entries(spec, rank)
     k = g.const(spec.k)
 

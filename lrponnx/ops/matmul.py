@@ -39,7 +39,7 @@ def matmul_constant(ctx: Ctx, unit: Unit, R: str) -> dict:
         raise Unsupported("a MatMul with a 1-D operand")
     if x == b and len(x_shape) < 3:
         raise Unsupported("a constant times a 2-D activation mixes the samples of the batch (its rows)")
-    s = ctx.stab_div(R, unit.output, unit.rule.params.get("epsilon", 1e-6), hint="q_matmul")
+    s = ctx.stab_div(R, unit.output, unit.rule.epsilon, hint="q_matmul")
     if x == a:   # y = x W: d/dx = s Wᵀ
         v = g.op("MatMul", s, g.const(_swap_last(c), hint=f"{unit.name}/W_T"), hint="vjp_matmul")
     else:        # y = A x: d/dx = Aᵀ s
@@ -70,7 +70,7 @@ def gemm_constant(ctx: Ctx, unit: Unit, R: str) -> dict:
     a = unit.info
     alpha = float(a.get("alpha", 1.0))
     tA, tB = int(a.get("transA", 0)), int(a.get("transB", 0))
-    s = ctx.stab_div(R, unit.output, unit.rule.params.get("epsilon", 1e-6), hint="q_gemm")
+    s = ctx.stab_div(R, unit.output, unit.rule.epsilon, hint="q_gemm")
     if dyn[0] == B:
         raise Unsupported("a constant times a 2-D activation mixes the samples of the batch (its rows)")
     # y = alpha op(A) op(B) + beta C: d/d op(A) = alpha s op(B)ᵀ

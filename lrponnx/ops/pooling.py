@@ -108,7 +108,7 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     if unit.rule.name == "pass":
         raise Unsupported("pass is not a valid rule for pooling (shapes differ)")
     w = _window(ctx, unit)
-    eps = unit.rule.params.get("epsilon", 1e-6)
+    eps = unit.rule.epsilon
     if unit.op_type == "GlobalAveragePool":
         # y = the plane's mean: x's share is x q / (H W), q broadcast over the plane (no constant
         # of the plane's size; the same numbers as the window-sum form below)
@@ -149,7 +149,7 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     g = ctx.g
     if unit.rule.name == "proportional":
         w = _window(ctx, unit)
-        q = ctx.stab_div(R, _window_sum(ctx, w, x), unit.rule.params.get("epsilon", 1e-6),
+        q = ctx.stab_div(R, _window_sum(ctx, w, x), unit.rule.epsilon,
                          nonnegative=ctx.nonnegative(x))
         return {x: g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_maxpool")}
     # Winner-take-all = the gradient of max pooling: each output's relevance goes to the

@@ -54,7 +54,7 @@ def reduce_norm(ctx: Ctx, unit: Unit, R: str) -> dict:
     axes = reduce_axes(ctx, unit)
     if axes is None:
         return {x: R}
-    eps = unit.rule.params.get("epsilon", 1e-6)
+    eps = unit.rule.epsilon
     # an average or sum of x >= 0 is >= 0: the stabiliser needs no sign test
     q = ctx.stab_div(R, y, eps, hint="q_reduce", nonnegative=ctx.nonnegative(x))
     if not unit.info.get("keepdims", 1):

@@ -48,7 +48,7 @@ def elementwise(ctx: Ctx, unit: Unit, R: str) -> dict:
             raise Unsupported("division of a constant by an activation is not linear in it")
         if unit.rule.name == "norm" and node.op_type in ("Add", "Sub", "Sum"):
             # the constant addend keeps its share (AttnLRP: bias, position embeddings): x R / stab(y)
-            q = ctx.stab_div(R, y, unit.rule.params.get("epsilon", 1e-6), hint="q_shift")
+            q = ctx.stab_div(R, y, unit.rule.epsilon, hint="q_shift")
             if node.op_type == "Sub" and node.input[0] != x:
                 q = ctx.g.op("Neg", q, hint="q_shift_neg")
             return {x: ctx.unbroadcast(ctx.g.op("Mul", x, q, hint="r_shift"), x, y_shape)}
@@ -58,7 +58,7 @@ def elementwise(ctx: Ctx, unit: Unit, R: str) -> dict:
         raise Unsupported(f"{node.op_type} of two activations has no LRP rule in the contract")
     if unit.rule.name == "pass":
         raise Unsupported("pass cannot split relevance between several inputs; use norm")
-    q = ctx.stab_div(R, y, unit.rule.params.get("epsilon", 1e-6))
+    q = ctx.stab_div(R, y, unit.rule.epsilon)
     out = {}
     for a in dyn:
         out[a] = ctx.unbroadcast(ctx.g.op("Mul", a, q, hint="r_add"), a, y_shape)
