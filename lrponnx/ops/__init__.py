@@ -3,10 +3,12 @@
 A handler gets the emission context, the unit and the name of the relevance tensor at the
 unit's output, and returns ``{input tensor: relevance}`` for the inputs that receive relevance;
 a relevance is a tensor name or a :class:`Product` (``x * factor``, multiplied by the compiler).
-A new op is one new function with ``@handler("OpType", rules=(...))``.
+A new op is one new function with ``@handler("OpType", rules=(...))`` (a kind registered twice
+raises unless ``replace=True``); the rules themselves are classes in lrponnx/rules
+(docs/extending.md).
 
 Where things live:
-- linear layers (epsilon, zplus, alpha-beta, gamma, zbox, wsquare, flat): ``linear.py``
+- linear layers: ``linear.py`` (LinearOps, Vjp); their rules in lrponnx/rules/linear.py
 - the LRN rule of Binder et al. (taylor, identity):                      ``lrn.py``
 - pooling (norm, winner-take-all, proportional):                          ``pooling.py``
 - Add/Sum (norm), Concat, Pad, reshapes and pass-through ops:             ``structural.py``

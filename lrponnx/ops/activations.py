@@ -95,7 +95,7 @@ def split_gate(ctx: Ctx, unit: Unit) -> tuple[str, str, str]:
     return (b, a, f"{ga.op_type} {ga.name!r}") if ga is not None else (a, b, f"{gb.op_type} {gb.name!r}")
 
 
-@handler("Mul", rules=("signal-takes-all", "pass", "norm"))
+@handler("Mul", rules=("signal-takes-all", "pass", "norm"), replace=True)  # refines structural's Mul
 def gated_product(ctx: Ctx, unit: Unit, R: str) -> dict:
     """A product: by a constant, ``pass`` (structural); of two activations, signal takes all."""
     if len(unit.inputs) == 1:

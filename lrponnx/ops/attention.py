@@ -138,7 +138,7 @@ def _two_activations(ctx: Ctx, unit: Unit) -> bool:
     return len(node.input) == 2 and all(i in ctx.view.dynamic for i in node.input)
 
 
-@handler("MatMul", rules=(tuple(_previous_matmul.rules) if _previous_matmul else ()) + ("uniform",))
+@handler("MatMul", rules=(tuple(_previous_matmul.rules) if _previous_matmul else ()) + ("uniform",), replace=True)
 def matmul(ctx: Ctx, unit: Unit, R: str) -> dict:
     if _two_activations(ctx, unit):
         if unit.rule is None or unit.rule.name != "uniform":
@@ -155,7 +155,7 @@ def matmul(ctx: Ctx, unit: Unit, R: str) -> dict:
 _previous_gather = HANDLERS.get("Gather")
 
 
-@handler("Gather", rules=tuple(_previous_gather.rules) if _previous_gather else ("pass",))
+@handler("Gather", rules=tuple(_previous_gather.rules) if _previous_gather else ("pass",), replace=True)
 def gather(ctx: Ctx, unit: Unit, R: str) -> dict:
     node = unit.nodes[0]
     table, ids = node.input[0], node.input[1]
