@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from lrponnx.errors import OutputError, shorten
-from lrponnx.compiler.load import set_external_location, stored_dtype, tensor_nbytes
+from lrponnx.compiler.load import model_tensors, set_external_location, stored_dtype, tensor_nbytes
 
 #: Models whose weights exceed this are saved with the weights in a side file ``<name>.data``
 #: (protobuf cannot hold 2 GiB, and serialising a large model in one piece doubles the memory).
@@ -191,9 +191,7 @@ ALIGN = 4096
 
 
 def _weight_tensors(model: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors
-
-    return [t for t in _get_all_tensors(model) if t.data_type != onnx.TensorProto.STRING]
+    return [t for t in model_tensors(model) if t.data_type != onnx.TensorProto.STRING]
 
 
 def _write_tensor(t: onnx.TensorProto, out, data_name: str) -> None:
@@ -256,7 +254,5 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def _external_tensors(model: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors
-
-    return [t for t in _get_all_tensors(model) if t.HasField("data_location") and
+    return [t for t in model_tensors(model) if t.HasField("data_location") and
             t.data_location == onnx.TensorProto.EXTERNAL]

@@ -148,32 +148,71 @@ def check_tensor_sizes(model: onnx.ModelProto) -> None:
 def _pin_external_data(model: onnx.ModelProto, base: Path) -> None:
     """Point every external initializer at its file by absolute path, after checking that the
     file holds the bytes it should; external tensors elsewhere (rare) are loaded."""
-    from onnx.external_data_helper import (ExternalDataInfo, _get_all_tensors, _open_external_data_fd,
-                                           load_external_data_for_tensor)
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor
 
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = ExternalDataInfo(t)
-        # onnx's own opener, as its eager loader uses it: the file must exist, and the location may
-        # not be absolute or point outside the model's folder (a model must not make us copy other files).
-        fd = _open_external_data_fd(str(base), info.location, t.name, True)
-        try:
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+        file = external_file(base, info.location, t.name)
+        size = file.stat().st_size
         need = tensor_nbytes(t)
         offset = info.offset or 0
         length = info.length if info.length is not None else need
         if length != need or offset + length > size:
             raise ValueError(f"tensor {t.name!r}: {info.location!r} is too short or the wrong size "
                              f"(needs {need} bytes at offset {offset})")
-        set_external_location(t, str((base / info.location).resolve()), offset, length)
-    for t in _get_all_tensors(model):  # the rest (e.g. Constant attributes): load them
+        set_external_location(t, str(file.resolve()), offset, length)
+    for t in model_tensors(model):  # the rest (e.g. Constant attributes): load them
         if t.data_location == onnx.TensorProto.EXTERNAL and not os.path.isabs(ExternalDataInfo(t).location):
             load_external_data_for_tensor(t, str(base))
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
+
+
+def external_file(base: Path, location: str, name: str) -> Path:
+    """The data file of external tensor ``name``, by the rules of onnx's own loader (which has no
+    public function for them): a non-empty relative location inside the model's folder, a regular
+    file and not a symbolic link, so that a model cannot make us read or copy any other file."""
+    where = f"external data of tensor {shorten(name)!r}"
+    if not location:
+        raise ValueError(f"{where}: the location is empty")
+    if os.path.isabs(location) or os.path.splitdrive(location)[0]:
+        raise ValueError(f"{where}: the location {shorten(location)!r} is an absolute path; it must be "
+                         "relative to the model's folder")
+    parts = os.path.normpath(location).split(os.sep)
+    path = base / os.path.normpath(location)
+    folder = os.path.realpath(base)
+    if parts[0] == ".." or os.path.commonpath([folder, os.path.realpath(path)]) != folder:
+        raise ValueError(f"{where}: {shorten(location)!r} points outside the model's folder")
+    if os.path.islink(path):
+        raise ValueError(f"{where}: {shorten(location)!r} is a symbolic link")
+    if not path.is_file():
+        raise ValueError(f"{where}: {shorten(location)!r} does not exist or is not a regular file")
+    return path
+
+
+def model_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and tensor attributes (Constant values), in
+    subgraphs and model-local functions too (onnx's own walker is private)."""
+    def graph(g):
+        yield from g.initializer
+        yield from nodes(g.node)
+
+    def nodes(ns):
+        for n in ns:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("g"):
+                    yield from graph(a.g)
+                for sub in a.graphs:
+                    yield from graph(sub)
+
+    yield from graph(model.graph)
+    for f in model.functions:
+        yield from nodes(f.node)
 
 
 def set_external_location(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -1,0 +1,103 @@
+"""The graph layer's file handling without onnx's private API (issue 12): which external-data
+locations a model may use (the same as onnx's own public loader accepts), the tensor walker, and
+that a lazily loaded model is saved without reading its weights into memory."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrponnx.compiler.load import external_file, model_tensors, read_model
+from lrponnx.errors import InvalidModelError
+
+
+def _gemm_model(tmp_path, location="w.bin"):
+    """A Gemm model whose weight lives in external file ``location`` (relative to the model)."""
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "real.bin").write_bytes(w.tobytes())
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", location
+    path = folder / "model.onnx"
+    onnx.save(m, str(path))
+    return path, w
+
+
+def _onnx_accepts(path) -> bool:
+    """The reference: onnx's public eager loader."""
+    try:
+        onnx.load(str(path), load_external_data=True)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("location", ["real.bin", "sub/../real.bin", "./real.bin", "link.bin", "out.bin",
+                                      "../secret.bin", "ABS", "missing.bin", ".", "sub"])
+def test_external_locations_follow_onnx_loader(tmp_path, location):
+    """Our check (read_model lazy) accepts exactly the locations that onnx's loader accepts."""
+    (tmp_path / "secret.bin").write_bytes(np.zeros(12, np.float32).tobytes())
+    if location == "ABS":
+        location = str(tmp_path / "m_real.bin")
+    path, w = _gemm_model(tmp_path, location)
+    folder = path.parent
+    (folder / "sub").mkdir()
+    os.symlink("real.bin", folder / "link.bin")
+    os.symlink("../secret.bin", folder / "out.bin")
+    if location.endswith("m_real.bin"):
+        (tmp_path / "m_real.bin").write_bytes(w.tobytes())
+    want = _onnx_accepts(path)
+    try:
+        m = read_model(path, lazy_weights=True)
+        got = True
+    except InvalidModelError as e:
+        assert "external data" in str(e)
+        got = False
+    assert got == want, (location, want)
+    if got:
+        from lrponnx.compiler.load import tensor_array
+
+        np.testing.assert_array_equal(tensor_array(m.graph.initializer[0]), w)
+
+
+def test_external_file_messages(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"1234")
+    assert external_file(tmp_path, "a.bin", "t") == tmp_path / "a.bin"
+    for location, words in [("", "empty"), ("/etc/passwd", "absolute"), ("../a.bin", "outside"),
+                            ("nothing.bin", "does not exist")]:
+        with pytest.raises(ValueError, match=words):
+            external_file(tmp_path, location, "t")
+
+
+def test_model_tensors_finds_every_tensor():
+    """Initializers, Constant values, tensor lists, subgraph initializers and constants, and the
+    constants of model-local functions; names chosen by hand, not read back from the walker."""
+    def const(name):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.ones(2, np.float32), name))
+
+    then_g = helper.make_graph([const("c_then")], "then", [], [helper.make_tensor_value_info("c_then", 1, [2])],
+                               [numpy_helper.from_array(np.ones(2, np.float32), "init_then")])
+    else_g = helper.make_graph([const("c_else")], "else", [], [helper.make_tensor_value_info("c_else", 1, [2])])
+    if_node = helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)
+    listed = helper.make_node("Foo", [], ["z"], domain="custom", ts=[numpy_helper.from_array(np.ones(1), "in_list")])
+    g = helper.make_graph([const("c_main"), if_node, listed], "g",
+                          [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", 1, [2])],
+                          [numpy_helper.from_array(np.ones(2, np.float32), "init_main")])
+    f = helper.make_function("local", "F", [], ["o"], [const("c_func")], [helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], functions=[f])
+    names = sorted(t.name for t in model_tensors(m))
+    assert names == sorted(["init_main", "c_main", "init_then", "c_then", "c_else", "in_list", "c_func"])
+
