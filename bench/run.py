@@ -116,13 +116,14 @@ def worker(engine: str, **kw) -> dict:
 def file_size(path: Path) -> int:
     """Bytes on disk of an ONNX file plus the external data files it references."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
+
+    from lrponnx.compiler.load import model_tensors
 
     path = Path(path)
     total = path.stat().st_size
     m = onnx.load(str(path), load_external_data=False)
     locs = set()
-    for t in _get_all_tensors(m):
+    for t in model_tensors(m):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for e in t.external_data:
                 if e.key == "location":
