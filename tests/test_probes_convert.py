@@ -421,7 +421,9 @@ def test_python_api_rejects_bad_rule_parameters(kwargs, fragment):
         lrponnx.convert(tiny_cnn(), **kwargs)
 
 
-def test_a_broken_plugin_says_so(monkeypatch, capsys):
+def test_a_broken_plugin_fails_loudly(monkeypatch):
+    """A subcommand module that fails to import is our bug: the error propagates (a traceback,
+    exit 1), it does not make the subcommand silently disappear (issue 12)."""
     import builtins
 
     from lrponnx.app import cli
@@ -434,9 +436,8 @@ def test_a_broken_plugin_says_so(monkeypatch, capsys):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", broken)
-    cli.build_parser()
-    err = capsys.readouterr().err
-    assert "lrponnx.app.evaluate" in err and "simulated" in err
+    with pytest.raises(ImportError, match="simulated"):
+        cli.build_parser()
 
 
 # ----------------------------------------------------------------------------------- own processes

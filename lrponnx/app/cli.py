@@ -6,49 +6,9 @@ import os
 import sys
 
 from lrponnx import __version__
+from lrponnx.app.rule_options import _floats, add_rule_flags, rule_kwargs  # noqa: F401  (add_rule_flags: plugins)
+from lrponnx.app.termination import Terminated, on_sigterm as _on_sigterm
 from lrponnx.errors import LrpOnnxError
-
-
-def _floats(text: str):
-    values = [float(v) for v in text.split(",") if v.strip()]
-    return values[0] if len(values) == 1 else values
-
-
-def add_rule_flags(p: argparse.ArgumentParser) -> None:
-    from lrponnx.rules.composites import COMPOSITES, DEFAULT_COMPOSITE
-
-    p.add_argument("--composite", default=DEFAULT_COMPOSITE, choices=sorted(COMPOSITES),
-                   help=f"rule preset (default {DEFAULT_COMPOSITE})")
-    p.add_argument("--epsilon", type=float, default=1e-6, help="epsilon of the epsilon rule (dense layers)")
-    p.add_argument("--gamma", type=float, default=0.25, help="gamma of the gamma rule")
-    p.add_argument("--low", type=_floats, default=None, help="zbox lower bound(s), scalar or per channel, "
-                   "in the model's input units")
-    p.add_argument("--high", type=_floats, default=None, help="zbox upper bound(s)")
-    p.add_argument("--rule", action="append", default=[], metavar="NODE_OR_OPTYPE=RULE[:k=v,...]",
-                   help="override a rule by node name, op type or position (#N); repeatable")
-    p.add_argument("--lrn-rule", default="taylor", choices=["taylor", "identity"],
-                   help="rule for LRN layers (default taylor, Binder et al. 2016)")
-    p.add_argument("--lrn-epsilon", type=float, default=1e-6, help="stabiliser of the LRN taylor rule")
-    p.add_argument("--lrn-denominator", default="sum", choices=["sum", "output"],
-                   help="divide by the sum of the Taylor terms (conservative) or by the LRN output")
-    p.add_argument("--seed", default="logit", choices=["logit", "one"],
-                   help="start relevance: the target logit (default) or 1 (Zennit's usual choice)")
-    p.add_argument("--target-runtime", default="any", choices=["any", "webgpu"],
-                   help="write the graph for this runtime: any (default, fastest on ONNX Runtime's CPU) or "
-                        "webgpu (onnxruntime-web's WebGPU provider; no 3-D pooling, no MaxPool Indices)")
-    p.add_argument("--explain-output", default=None, metavar="NAME",
-                   help="the model output whose class scores are explained (the input of a final Softmax is "
-                        "taken); default: the only output, or the only one made by a Softmax")
-    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
-                   help="fix the model's input shape (N or ? keeps a dim symbolic; NAME:DIMS;NAME:DIMS for "
-                        "several inputs) when its sizes are symbolic and the rules need them static")
-
-
-def rule_kwargs(args) -> dict:
-    return dict(composite=args.composite, epsilon=args.epsilon, gamma=args.gamma, low=args.low, high=args.high,
-                rules=args.rule, lrn_rule=args.lrn_rule, lrn_epsilon=args.lrn_epsilon,
-                lrn_denominator=args.lrn_denominator, seed=args.seed, target_runtime=args.target_runtime,
-                output=args.explain_output, input_shape=args.input_shape)
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -107,6 +67,13 @@ def cmd_explain(args) -> int:
     from lrponnx.app.explain import run_explain
 
     return run_explain(args)
+
+
+def cmd_rules(args) -> int:
+    from lrponnx.app.rule_options import describe_rules
+
+    print(describe_rules())
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -173,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_rule_flags(p)
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("rules", help="list every rule with its parameters and defaults, and the composites",
+                       description="Every rule (its parameters, their defaults, the op kinds it applies to) "
+                                   "and every composite, read from the rule classes.")
+    p.set_defaults(func=cmd_rules)
+
     p = sub.add_parser("demo", help="explain bundled sample photos with the bundled model")
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--model", default=None, help="a bundled zoo model explained beside the CNN "
@@ -185,26 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugins():
-    """Subcommands that live with their own modules (Caffe converter, model zoo, evaluation)."""
-    found = []
-    for module in ("lrponnx.converters.caffe.cli", "lrponnx.model_zoo.cli", "lrponnx.app.evaluate", "lrponnx.app.web"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name == module:  # not part of this installation
-                continue
-            _plugin_broken(module, e)
-            continue
-        except Exception as e:  # a broken plugin must not vanish silently, nor take the others down
-            _plugin_broken(module, e)
-            continue
-        found.append(mod.register)
-    return found
+    """Subcommands that live with their own modules (Caffe converter, model zoo, evaluation, web
+    page). Each is part of the package: one that fails to import is a bug and fails loudly (a
+    traceback), never a subcommand that silently disappears. Optional dependencies (matplotlib,
+    Ray, ...) are imported when their subcommand runs, which names what is missing."""
+    return [__import__(module, fromlist=["register"]).register for module in PLUGINS]
 
 
-def _plugin_broken(module: str, e: BaseException) -> None:
-    print(f"lrponnx: warning: the subcommands of {module} are unavailable, it fails to import: "
-          f"{type(e).__name__}: {e}", file=sys.stderr)
+PLUGINS = ("lrponnx.converters.caffe.cli", "lrponnx.model_zoo.cli", "lrponnx.app.evaluate", "lrponnx.app.web")
 
 
 #: Exit codes (docs/cli-guarantees.md): 0 done; 1 a bug of ours (traceback, please report);
@@ -212,14 +172,6 @@ def _plugin_broken(module: str, e: BaseException) -> None:
 #: 3 ``inspect``: the model has nodes that cannot be explained; 130 Ctrl-C; 141 stdout closed
 #: (``| head``); 143 SIGTERM. Interrupted writes leave no temporary file behind.
 EXIT_USAGE, EXIT_UNEXPLAINABLE, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_TERMINATED = 2, 3, 130, 141, 143
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so every ``finally`` (temporary files) runs."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
 
 
 def main(argv=None) -> int:

@@ -641,7 +641,7 @@ def _identity(model_bytes_sha: str, options: dict, pre, args) -> dict:
 
 
 def run_explain(args) -> int:
-    from lrponnx.app.cli import rule_kwargs
+    from lrponnx.app.rule_options import rule_kwargs
     from lrponnx.compiler.load import read_model
     from lrponnx.app.preprocess import list_inputs
     from lrponnx.app.runtime import Explainer, is_explainer
@@ -681,7 +681,7 @@ def run_explain(args) -> int:
 
         ray_started = connect(ray_address)  # before anything is written: no cluster is a usage error
 
-    from lrponnx.app.cli import Terminated, _on_sigterm
+    from lrponnx.app.termination import Terminated, on_sigterm as _on_sigterm
 
     previous = None
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # called outside `main`, which installs it

@@ -115,18 +115,22 @@ Entry = tuple[Predicate, Union[Rule, Callable[[RuleOptions], Rule], None]]
 
 
 def dense_epsilon(o: RuleOptions) -> Rule:
+    """epsilon:epsilon=--epsilon"""
     return Epsilon(epsilon=o.epsilon)
 
 
 def gamma_rule(o: RuleOptions) -> Rule:
+    """gamma:gamma=--gamma"""
     return Gamma(gamma=o.gamma)
 
 
 def box_rule(o: RuleOptions) -> Rule:
+    """zbox:low=--low,high=--high"""
     return ZBox(low=o.low, high=o.high)
 
 
 def lrn_rule(o: RuleOptions) -> Rule:
+    """--lrn-rule (taylor:epsilon=--lrn-epsilon,denominator=--lrn-denominator)"""
     if o.lrn_rule == "taylor":
         return Taylor(epsilon=o.lrn_epsilon, denominator=o.lrn_denominator)
     return make_rule(o.lrn_rule)
