@@ -13,124 +13,57 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrponnx.compiler.constants import run_op
+from lrponnx.compiler.linear_layers import LazyWeight, LinearLayer
 from lrponnx.compiler.units import Unit
 from lrponnx.ops.context import Ctx, Unsupported
 from lrponnx.ops.registry import handler
 
 
 class LinearOps:
-    """Forward and vector-Jacobian product of one linear layer with substitute weights."""
+    """One linear layer (``p``: its :class:`~lrponnx.compiler.linear_layers.LinearLayer`) bound to
+    the graph being emitted: forward and vector-Jacobian product with substitute weights, each
+    weight stored once per key. ``layer`` replaces the unit's own (the flat rule's one-channel
+    form of it)."""
 
-    def __init__(self, ctx: Ctx, unit: Unit):
-        self.ctx, self.g, self.unit, self.p = ctx, ctx.g, unit, unit.info
+    def __init__(self, ctx: Ctx, unit: Unit, layer: LinearLayer | None = None):
+        self.ctx, self.g, self.unit = ctx, ctx.g, unit
+        self.p: LinearLayer = unit.info if layer is None else layer
         self._weights: dict[str, str] = {}
         p = self.p
-        if p.kind in ("conv", "convtranspose"):
+        if p.is_conv:
             x_shape, z_shape = p.x_shape, p.z_shape
             if x_shape is None or z_shape is None or any(d is None for d in x_shape[1:] + z_shape[1:]):
                 from lrponnx.compiler.shapes import static_hint
 
                 raise Unsupported("needs static channel and spatial sizes" + static_hint(ctx.view))
 
-    # -- weights ---------------------------------------------------------------------------------
     def weight(self, key: str, W: np.ndarray) -> str:
+        """The initializer holding substitute weight ``W`` (stored once per key)."""
         if key == "w" and self.p.source and not self.p.source_transposed:
             return self.p.source  # the model's own initializer: no second copy
         if key not in self._weights:
             self._weights[key] = self.g.const(W, hint=f"{self.unit.name}/W_{key}")
         return self._weights[key]
 
-    def _conv_attrs(self) -> dict:
-        """Every geometry attribute stated (WebGPU's provider reads them from the node)."""
-        a = self.p.attrs
-        return dict(kernel_shape=list(self.p.weight_shape[2:]), strides=a["strides"], pads=a["pads"],
-                    dilations=a["dilations"], group=a["group"])
-
-    def _flipped_attrs(self) -> dict:
-        """The stride-1 backward Conv (kernel flipped, in/out swapped) with padding d(k-1)-p."""
-        a, k = self.p.attrs, list(self.p.weight_shape[2:])
-        return dict(kernel_shape=k, strides=[1] * len(k), pads=self._flipped_pads(), dilations=a["dilations"],
-                    group=a["group"])
-
-    def _vjp_output_padding(self) -> list[int]:
-        """ConvTranspose output_padding that makes ``W^T q`` exactly the input's spatial size."""
-        p, a = self.p, self.p.attrs
-        k = p.weight_shape[2:]
-        n = len(k)
-        out = []
-        for i in range(n):
-            base = (a["strides"][i] * (p.z_shape[2 + i] - 1) + (k[i] - 1) * a["dilations"][i] + 1
-                    - a["pads"][i] - a["pads"][n + i])
-            out.append(p.x_shape[2 + i] - base)
-        return out
-
-    # -- the two linear maps -----------------------------------------------------------------------
     def forward(self, x: str, key: str, W: np.ndarray, b: np.ndarray | None) -> str:
         """``W x + b`` for substitute weights (b None: no bias)."""
-        g, p = self.g, self.p
-        w = self.weight(key, W)
-        bias = [g.const(b, hint=f"{self.unit.name}/b_{key}")] if b is not None else []
-        if p.kind == "conv":
-            return g.op("Conv", x, w, *bias, hint=f"{self.unit.name}/z_{key}", **self._conv_attrs())
-        if p.kind == "convtranspose":
-            return g.op("ConvTranspose", x, w, *bias, hint=f"{self.unit.name}/z_{key}",
-                        output_padding=p.attrs["output_padding"], **self._conv_attrs())
-        if p.kind == "gemm":
-            return g.op("Gemm", x, w, *bias, transB=1, hint=f"{self.unit.name}/z_{key}")
-        z = g.op("MatMul", x, w, hint=f"{self.unit.name}/z_{key}")
-        return g.op("Add", z, g.const(b, hint=f"{self.unit.name}/b_{key}")) if b is not None else z
+        return self.p.emit_forward(self.g, x, self.weight(key, W), b, self.unit.name, key)
 
     def vjp(self, q: str, key: str, W: np.ndarray | None) -> str:
         """``W^T q``: the gradient of ``W x`` with respect to x, shaped like x.
         ``W=None`` means the layer's own weight, read only if its initializer cannot be reused."""
-        g, p = self.g, self.p
-        if W is None:
-            W = _LazyWeight(p)
-        hint = f"{self.unit.name}/vjp_{key}"
-        if p.kind == "conv":
-            if self._vjp_as_conv():
-                # Stride 1: the backward pass is a plain Conv with in/out swapped per group, the
-                # kernel flipped and padding d(k-1)-p, which ORT runs faster than ConvTranspose.
-                a = self.p.attrs
-                return g.op("Conv", q, self.weight(f"{key}_flipped", flipped_transpose(W, a["group"])), hint=hint,
-                            **self._flipped_attrs())
-            return g.op("ConvTranspose", q, self.weight(key, W), hint=hint,
-                        output_padding=self._vjp_output_padding(), **self._conv_attrs())
-        if p.kind == "convtranspose":
-            return g.op("Conv", q, self.weight(key, W), hint=hint, **self._conv_attrs())
-        rank2 = p.x_shape is not None and len(p.x_shape) == 2
-        if key == "w" and p.source and rank2 and (p.kind == "matmul" or p.source_transposed):
-            # The initializer holds W as [in, out]: q [N, out] times its transpose, no copy.
-            return g.op("Gemm", q, p.source, transB=1, hint=hint)
-        if p.kind == "gemm":
-            return g.op("MatMul", q, self.weight(key, W), hint=hint)
-        return g.op("MatMul", q, self.weight(f"{key}_T", np.ascontiguousarray(W.T)), hint=hint)
-
-    def _flipped_pads(self) -> list[int]:
-        a, k = self.p.attrs, self.p.weight_shape[2:]
-        n = len(k)
-        return [a["dilations"][i % n] * (k[i % n] - 1) - a["pads"][i] for i in range(2 * n)]
-
-    def _vjp_as_conv(self) -> bool:
-        a, shape = self.p.attrs, self.p.weight_shape
-        n = len(shape) - 2
-        if any(st != 1 for st in a["strides"]):
-            return False
-        return all(a["dilations"][i % n] * (shape[2 + i % n] - 1) - a["pads"][i] >= 0 for i in range(2 * n))
+        return self.p.emit_vjp(self.g, q, key, LazyWeight(self.p) if W is None else W, self.weight,
+                               hint=f"{self.unit.name}/vjp_{key}")
 
     def constant_forward(self, x_value: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-        """``W x + b`` for a constant input (one sample), computed now with ONNX Runtime."""
-        p = self.p
-        ins = [x_value, W] + ([b] if b is not None else [])
-        if p.kind == "conv":
-            return run_op("Conv", ins, **self._conv_attrs())
-        if p.kind == "convtranspose":
-            return run_op("ConvTranspose", ins, output_padding=p.attrs["output_padding"], **self._conv_attrs())
-        if p.kind == "gemm":
-            return run_op("Gemm", ins, transB=1)
-        z = x_value @ W
-        return z + b if b is not None else z
+        """``W x + b`` for a constant input (one sample), computed now in numpy (float64)."""
+        return self.p.constant_forward(x_value, W, b)
+
+    def single_channel_ones(self) -> "LinearOps | None":
+        """This layer with one channel in and out and an all-ones kernel (see
+        :meth:`LinearLayer.single_channel_ones`), bound to the same graph; None where it does not apply."""
+        layer = self.p.single_channel_ones()
+        return None if layer is None else LinearOps(self.ctx, self.unit, layer)
 
     def sample_shape(self) -> list[int]:
         """The input's shape for one sample (batch 1), which must be static past the batch dim."""
@@ -143,10 +76,9 @@ class LinearOps:
 @dataclass(frozen=True, eq=False)
 class Vjp:
     """``W^T q`` of one layer, emitted when the compiler sums the relevance of ``x`` (a term of a
-    :class:`Product`). Convolutions (group 1) with the same geometry that feed the same ``x`` are
-    merged: ``sum_b W_b^T q_b`` is one convolution of the concatenated ``q_b`` with the weights
-    stacked along their output channels, one GEMM instead of several plus their sum (the 1x1
-    branches of an inception block; the two halves of the gamma rule)."""
+    :class:`~lrponnx.ops.context.Product`). Terms whose layers give the same
+    :meth:`~LinearLayer.vjp_merge_key` (group-1 convolutions of one geometry reading the same x)
+    are emitted as one op by the layer's ``emit_vjp_group``."""
 
     ops: LinearOps
     q: str
@@ -158,60 +90,14 @@ class Vjp:
 
     @property
     def merge_key(self):
-        p = self.ops.p
-        if p.kind != "conv" or p.attrs["group"] != 1:
-            return None
-        as_conv = self.ops._vjp_as_conv()
-        geometry = self.ops._flipped_pads() if as_conv else self.ops._vjp_output_padding()
-        return ("conv", as_conv, tuple(p.weight_shape[2:]), tuple(p.attrs["strides"]), tuple(p.attrs["pads"]),
-                tuple(p.attrs["dilations"]), tuple(geometry), tuple(p.x_shape[1:]))
+        return self.ops.p.vjp_merge_key()
 
     @staticmethod
     def emit_group(terms: list["Vjp"]) -> str:
         first = terms[0].ops
-        g, a = first.g, first.p.attrs
-        q = g.op("Concat", *[t.q for t in terms], axis=1, hint="vjp_q_cat")
         Ws = [np.asarray(t.W if t.W is not None else t.ops.p.W, np.float32) for t in terms]
         names = "+".join(t.ops.unit.name for t in terms)
-        if first._vjp_as_conv():  # flipped kernels [C, M_b, k]: stack along axis 1
-            W = np.concatenate([flipped_transpose(W, 1) for W in Ws], axis=1)
-            return g.op("Conv", q, g.const(W, hint=f"{names}/W_merged_flipped"), hint="vjp_merged",
-                        **first._flipped_attrs())  # group 1: merge_key takes group-1 convolutions only
-        return g.op("ConvTranspose", q, g.const(np.concatenate(Ws, axis=0), hint=f"{names}/W_merged"),
-                    output_padding=first._vjp_output_padding(), hint="vjp_merged", **first._conv_attrs())
-
-
-class _LazyWeight:
-    """Stands for the layer's own weight; loads it only when a copy really has to be made."""
-
-    def __init__(self, p):
-        self.p = p
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.p.W, dtype=dtype)
-
-    @property
-    def T(self):
-        return self.p.W.T
-
-    @property
-    def shape(self):
-        return self.p.weight_shape
-
-    @property
-    def ndim(self):
-        return len(self.p.weight_shape)
-
-
-def flipped_transpose(W: np.ndarray, group: int) -> np.ndarray:
-    """Conv weight [M, C/g, *k] -> the weight of its transposed conv as a Conv: [C, M/g, *k],
-    in/out swapped within each group and the kernel flipped in every spatial axis."""
-    W = np.asarray(W)
-    M, Cg = W.shape[:2]
-    k = W.shape[2:]
-    Wg = W.reshape((group, M // group, Cg) + k).swapaxes(1, 2)  # [g, C/g, M/g, *k]
-    Wg = np.flip(Wg, axis=tuple(range(3, 3 + len(k))))
-    return np.ascontiguousarray(Wg.reshape((group * Cg, M // group) + k))
+        return first.p.emit_vjp_group(first.g, [t.q for t in terms], Ws, names)
 
 
 @handler("Linear", rules=())
