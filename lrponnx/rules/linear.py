@@ -16,7 +16,6 @@ See docs/extending.md.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -266,7 +265,7 @@ def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low, high, epsilon: f
         ones = runtime_ones(g, x)
         bounds = g.op("Add", ops.forward(g.op("Mul", ones, g.const(lo, hint="zbox_low")), "pos", Wp, None),
                       ops.forward(g.op("Mul", ones, g.const(hi, hint="zbox_high")), "neg", Wn, None))
-        b_full = b.reshape((1, -1) + (1,) * (len(shape) - 2)) if ops.p.kind in ("conv", "convtranspose") else b
+        b_full = ops.p.broadcast_channels(b, len(shape))
         d = g.op("Sub", z, g.op("Add", bounds, g.const(b_full, hint=f"{ops.unit.name}/zbox_bias")), hint="zbox_d")
         q = ctx.stab_div(R, d, epsilon)
         r = g.op("Mul", g.op("Sub", x, g.const(lo, hint="zbox_low")), ops.vjp(q, "pos", Wp))
@@ -275,7 +274,7 @@ def zbox(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, low, high, epsilon: f
     lo, hi = zbox_bounds(ctx, ops.unit, x, low, high, shape)
     # d = W x - W+ l - W- h; the bias cancels. W x = z - b; the bound terms are constants.
     bounds = ops.constant_forward(lo, Wp, None) + ops.constant_forward(hi, Wn, None)
-    b_full = b.reshape((1, -1) + (1,) * (bounds.ndim - 2)) if ops.p.kind in ("conv", "convtranspose") else b
+    b_full = ops.p.broadcast_channels(b, bounds.ndim)
     d = g.op("Sub", z, g.const(bounds + b_full, hint=f"{ops.unit.name}/zbox_shift"), hint="zbox_d")
     q = ctx.stab_div(R, d, epsilon)
     # x W^T q - l W+^T q - h W-^T q = (x - l) W+^T q + (x - h) W-^T q, since W = W+ + W-: two VJPs.
@@ -355,21 +354,18 @@ class Flat(LinearRule):
         epsilon = self.epsilon
         ones = np.ones(ops.p.weight_shape, np.float32)
         # 1^T (R / stab(1 . 1)): padding is zero in the ones input, so it does not count.
-        if ops.p.kind == "conv" and ops.p.attrs["group"] == 1:
+        ops1 = ops.single_channel_ones()
+        if ops1 is not None:
             # With all-ones weights every input channel gets the same value: sum q over the output
             # channels first, then spread one channel through a ones kernel and broadcast it. The
             # denominator is the same in every output channel, so R is summed before the divide
             # (one full-size pass less on the largest tensor of most networks).
             g = ctx.g
-            ops1 = LinearOps.__new__(LinearOps)
-            ops1.__dict__.update(ops.__dict__, _weights={})
-            ops1.p = copy.copy(ops.p)
-            ops1.p.W = np.ones((1, 1) + ops.p.weight_shape[2:])
-            ops1.p.x_shape = [ops.p.x_shape[0], 1] + list(ops.p.x_shape[2:])
             r_sum = g.op("ReduceSum", R, g.ints([1]), keepdims=1, hint="flat_rsum")
             if _small_sample(ops):
-                den = ops.constant_forward(np.ones(ops.sample_shape(), np.float32), ones, None)
-                q1 = ctx.stab_div_const(r_sum, den[:, :1], epsilon)
+                # C_in times the window's count of ones (exact integers, as the full ones forward)
+                count = ops1.constant_forward(np.ones(ops1.sample_shape(), np.float32), ops1.p.W, None)
+                q1 = ctx.stab_div_const(r_sum, count * float(ops.p.x_shape[1]), epsilon)
             else:  # C_in times the window's count of ones, in the explainer
                 count = ops1.forward(runtime_ones(g, x, channels=1), "ones1", ops1.p.W, None)
                 q1 = ctx.stab_div(r_sum, g.op("Mul", count, g.const(float(ops.p.x_shape[1]))), epsilon,
