@@ -204,13 +204,6 @@ class ConvLayer(LinearLayer):
         self.strides, self.pads, self.dilations, self.group = list(strides), list(pads), list(dilations), int(group)
 
     @property
-    def attrs(self) -> dict:  # TRANSITIONAL (issue 12): the old LinearParams.attrs, until callers move
-        a = dict(strides=self.strides, pads=self.pads, dilations=self.dilations, group=self.group)
-        if hasattr(self, "output_padding"):
-            a["output_padding"] = self.output_padding
-        return a
-
-    @property
     def kernel(self) -> list[int]:
         return list(self.weight_shape[2:])
 
