@@ -36,7 +36,9 @@ WEIGHTS_KEY = "lrponnx.weights"                    # where the weights came from
 SOURCE_KEY = "lrponnx.source"                      # the file converted (Caffe converter)
 ZOO_KEY = "lrponnx.zoo"                            # the model-zoo entry that built it
 PATCH_SIZE_KEY = "lrponnx.patch_size"              # a ViT's patch size (the token view)
+ZOO_TRAINING_KEY = "lrponnx.zoo.training"          # JSON: how a zoo recipe trained it (seed, epochs, ...)
 
 ALL_KEYS = (VERSION_KEY, FORMAT_KEY, COMPOSITE_KEY, SEED_KEY, LOGITS_KEY, OUTPUT_KEY, TARGET_INPUT_KEY,
             CLASS_COUNT_KEY, RELEVANCE_OUTPUTS_KEY, RULES_KEY, FORWARD_RECOMPUTED_KEY, TARGET_RUNTIME_KEY,
-            CHECK_KEY, PREPROCESSING_KEY, CLASSES_KEY, WEIGHTS_KEY, SOURCE_KEY, ZOO_KEY, PATCH_SIZE_KEY)
+            CHECK_KEY, PREPROCESSING_KEY, CLASSES_KEY, WEIGHTS_KEY, SOURCE_KEY, ZOO_KEY, PATCH_SIZE_KEY,
+            ZOO_TRAINING_KEY)

@@ -20,7 +20,7 @@ import json
 import math
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lrponnx.compiler.lrn_ops import FUNCTION_OPSET, ensure_lrn_function, make_within_channel_lrn
 
-from lrponnx.model_zoo._shared import CIFAR10_CLASSES, load_image_folder, onnx_accuracy, require_shared
+from lrponnx.model_zoo._shared import (CIFAR10_CLASSES, channel_mean_std, fit, load_image_folder, normalised,
+                                        onnx_accuracy, require_shared, training_data, training_meta, training_report)
 from lrponnx.metadata import CLASSES_KEY, PREPROCESSING_KEY, ZOO_KEY
 
 NAME = "cifar10-lrn"
@@ -269,28 +270,12 @@ def train(seed: int = 0, epochs: int = 15, *, out: str | Path | None = None, con
     (same torch build and thread count give the same weights).
     """
     import torch
-    import torch.nn.functional as F
 
     cfg = config or TrainConfig(seed=seed, epochs=epochs)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-
-    t0 = time.perf_counter()
-    images, labels = train_data if train_data is not None else load_train_set(limit=cfg.limit)
-    if cfg.limit is not None:
-        images, labels = images[: cfg.limit], labels[: cfg.limit]
-    t_data = time.perf_counter() - t0
-    mean = images.reshape(-1, 3).mean(0, dtype=np.float64).astype(np.float32)  # per channel, 0-255 units
-    std = images.reshape(-1, 3).std(0, dtype=np.float64).astype(np.float32) if cfg.divide_std else None
+    rng, t0, images, labels, t_data = training_data(cfg, train_data, load_train_set)
+    mean, std = channel_mean_std(images)  # per channel, 0-255 units
+    std = std if cfg.divide_std else None
     log(f"[cifar10-lrn] {len(images)} training images decoded in {t_data:.1f}s; mean RGB {[round(float(m), 2) for m in mean]}")
-
-    # uint8 NCHW cache; each batch is made float, mean-subtracted, zero padded by 4, randomly cropped/flipped
-    pad = 4
-    cache = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    mean_t = torch.from_numpy(mean).reshape(1, 3, 1, 1)
-    inv_std_t = torch.from_numpy(1.0 / std).reshape(1, 3, 1, 1) if std is not None else torch.ones(1, 3, 1, 1)
-    labels_t = torch.from_numpy(labels)
 
     net = build_torch_model(cfg.arch)
     if cfg.optimizer == "sgd":
@@ -300,51 +285,15 @@ def train(seed: int = 0, epochs: int = 15, *, out: str | Path | None = None, con
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start)
-    t1 = time.perf_counter()
-    history = []
-    for epoch in range(cfg.epochs):
-        net.train()
-        perm = rng.permutation(len(images))
-        offs = rng.integers(0, 2 * pad + 1, size=(len(images), 2))
-        flips = rng.random(len(images)) < 0.5
-        tot_loss, tot_ok, seen = 0.0, 0, 0
-        for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xp = F.pad((cache[idx].float() - mean_t) * inv_std_t, (pad, pad, pad, pad))
-            xb = torch.stack([xp[j, :, offs[i, 0]:offs[i, 0] + 32, offs[i, 1]:offs[i, 1] + 32]
-                              for j, i in enumerate(idx)])
-            fl = torch.from_numpy(flips[idx])
-            xb[fl] = xb[fl].flip(3)
-            yb = labels_t[idx]
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot_loss += loss.item() * len(idx)
-            tot_ok += int((logits.argmax(1) == yb).sum())
-            seen += len(idx)
-        history.append({"epoch": epoch + 1, "loss": round(tot_loss / seen, 4), "train_acc": round(tot_ok / seen, 4),
-                        "elapsed_s": round(time.perf_counter() - t1, 1)})
-        log(f"[cifar10-lrn] epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.4f} "
-            f"train acc {tot_ok / seen:.4f} ({time.perf_counter() - t1:.0f}s)")
-    t_train = time.perf_counter() - t1
+    history, t_train = fit(net, opt, images, labels, mean, std, cfg=cfg, rng=rng, size=32, name=NAME, log=log)
 
     net.eval()
-    report = {"seed": cfg.seed, "epochs": cfg.epochs, "config": {k: v for k, v in asdict(cfg).items() if k != "arch"},
-              "arch": asdict(cfg.arch), "train_images": len(images), "threads": cfg.threads,
-              "torch": torch.__version__, "decode_s": round(t_data, 1), "train_s": round(t_train, 1),
-              "history": history}
+    report = training_report(cfg, len(images), t_data, t_train, history)
     model = export_onnx(net.state_dict(), cfg.arch, mean.tolist(), None if std is None else std.tolist(),
-                        extra_meta={"lrponnx.zoo.training": json.dumps(
-                            {k: report[k] for k in ("seed", "epochs", "train_images", "threads", "torch")})})
+                        extra_meta=training_meta(report))
 
     # ONNX Runtime must agree with torch
-    probe = ((cache[:64].float() - mean_t) * inv_std_t).numpy()
+    probe = normalised(torch.from_numpy(np.ascontiguousarray(images[:64].transpose(0, 3, 1, 2))), mean, std).numpy()
     report["onnx_vs_torch_max_rel_diff"] = compare_with_torch(model, probe)
     if report["onnx_vs_torch_max_rel_diff"] > 1e-5:
         raise RuntimeError(f"ONNX and torch disagree: {report['onnx_vs_torch_max_rel_diff']:.3g}")

@@ -11,15 +11,15 @@ composite (AttnLRP, Achtibat et al. 2024): ``lrponnx demo --model vit-cifar10``.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from lrponnx.model_zoo._shared import CIFAR10_CLASSES, onnx_accuracy
+from lrponnx.model_zoo._shared import (CIFAR10_CLASSES, channel_mean_std, fit, onnx_accuracy, training_data,
+                                        training_meta, training_report)
 from lrponnx.metadata import CLASSES_KEY, COMPOSITE_KEY, PATCH_SIZE_KEY, PREPROCESSING_KEY, ZOO_KEY
 
 NAME = "vit-cifar10"
@@ -91,70 +91,20 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, t
           log=print) -> tuple[onnx.ModelProto, dict]:
     """Train, export and (optionally) measure the accuracy on the shared 1,000-image test sample."""
     import torch
-    import torch.nn.functional as F
 
     from lrponnx.model_zoo.cifar10_lrn import load_test_sample, load_train_set
 
     cfg = config or TrainConfig()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    t0 = time.perf_counter()
-    images, labels = train_data if train_data is not None else load_train_set(limit=cfg.limit)
-    if cfg.limit is not None:
-        images, labels = images[: cfg.limit], labels[: cfg.limit]
-    t_data = time.perf_counter() - t0
-    mean = images.reshape(-1, 3).mean(0, dtype=np.float64).astype(np.float32)
-    std = images.reshape(-1, 3).std(0, dtype=np.float64).astype(np.float32)
+    rng, t0, images, labels, t_data = training_data(cfg, train_data, load_train_set)
+    mean, std = channel_mean_std(images)
     log(f"[{NAME}] {len(images)} training images decoded in {t_data:.1f}s")
-    pad, size = 4, cfg.arch.image_size
-    cache = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    mean_t = torch.from_numpy(mean).reshape(1, 3, 1, 1)
-    inv_std_t = torch.from_numpy(1.0 / std).reshape(1, 3, 1, 1)
-    labels_t = torch.from_numpy(labels)
-
     net = build_torch_model(cfg.arch)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = math.ceil(len(images) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps,
-                                                pct_start=cfg.pct_start)
-    t1 = time.perf_counter()
-    history = []
-    for epoch in range(cfg.epochs):
-        net.train()
-        perm = rng.permutation(len(images))
-        offs = rng.integers(0, 2 * pad + 1, size=(len(images), 2))
-        flips = rng.random(len(images)) < 0.5
-        tot_loss, tot_ok, seen = 0.0, 0, 0
-        for s in range(steps):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xp = F.pad((cache[idx].float() - mean_t) * inv_std_t, (pad, pad, pad, pad))
-            xb = torch.stack([xp[j, :, offs[i, 0]:offs[i, 0] + size, offs[i, 1]:offs[i, 1] + size]
-                              for j, i in enumerate(idx)])
-            fl = torch.from_numpy(flips[idx])
-            xb[fl] = xb[fl].flip(3)
-            yb = labels_t[idx]
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            tot_loss += loss.item() * len(idx)
-            tot_ok += int((logits.argmax(1) == yb).sum())
-            seen += len(idx)
-        history.append({"epoch": epoch + 1, "loss": round(tot_loss / seen, 4), "train_acc": round(tot_ok / seen, 4),
-                        "elapsed_s": round(time.perf_counter() - t1, 1)})
-        log(f"[{NAME}] epoch {epoch + 1}/{cfg.epochs} loss {tot_loss / seen:.4f} train acc {tot_ok / seen:.4f} "
-            f"({time.perf_counter() - t1:.0f}s)")
-    t_train = time.perf_counter() - t1
+    history, t_train = fit(net, opt, images, labels, mean, std, cfg=cfg, rng=rng, size=cfg.arch.image_size,
+                           label_smoothing=0.1, clip_norm=1.0, name=NAME, log=log)
     net.eval()
-    report = {"seed": cfg.seed, "epochs": cfg.epochs, "config": {k: v for k, v in asdict(cfg).items() if k != "arch"},
-              "arch": asdict(cfg.arch), "train_images": len(images), "threads": cfg.threads, "torch": torch.__version__,
-              "decode_s": round(t_data, 1), "train_s": round(t_train, 1), "history": history}
-    model = export_onnx(net, cfg.arch, mean.tolist(), std.tolist(), extra_meta={"lrponnx.zoo.training": json.dumps(
-        {k: report[k] for k in ("seed", "epochs", "train_images", "threads", "torch")})})
+    report = training_report(cfg, len(images), t_data, t_train, history)
+    model = export_onnx(net, cfg.arch, mean.tolist(), std.tolist(), extra_meta=training_meta(report))
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
