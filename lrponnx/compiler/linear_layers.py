@@ -355,41 +355,64 @@ def flipped_transpose(W: np.ndarray, group: int) -> np.ndarray:
 
 # -- convolutions in numpy (convert-time constants) ------------------------------------------------
 
+#: bytes of the gathered input windows per matrix product (bounds convert-time memory)
+_BLOCK_BYTES = 1 << 25
+
+
+def _offset_blocks(k, per_offset_bytes: int):
+    """The kernel offsets in blocks small enough for one matrix product each."""
+    offsets = list(np.ndindex(*k))
+    size = max(1, _BLOCK_BYTES // max(1, per_offset_bytes))
+    return [(i, offsets[i:i + size]) for i in range(0, len(offsets), size)]
+
+
+def _window(j, start_scale, strides, count):
+    """The strided slice per spatial axis that kernel offset ``j`` meets (``count`` positions)."""
+    return tuple(slice(j[i] * start_scale[i], j[i] * start_scale[i] + strides[i] * (count[i] - 1) + 1, strides[i])
+                 for i in range(len(j)))
+
+
 def conv_forward(x, W, b, strides, pads, dilations, group: int) -> np.ndarray:
     """ONNX Conv in float64: x [N, C, *S], W [M, C/g, *k], explicit pads (begins, then ends).
-    One batched matrix product per kernel offset over the strided window of the padded input."""
+    The strided windows of the padded input that a block of kernel offsets meets are gathered
+    (im2col) and multiplied by the matching weights in one BLAS product per block."""
     x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
     N, n, k = x.shape[0], W.ndim - 2, W.shape[2:]
     M, Cg = W.shape[:2]
     x = _pad(x, pads)
     out = [geometry.conv_output_size(x.shape[2 + i], k[i], strides[i], dilations[i], 0, 0) for i in range(n)]
-    Wg = W.reshape((group, M // group, Cg) + k)
-    z = np.zeros((N, group, M // group, int(np.prod(out))))
-    for j in np.ndindex(*k):
-        window = tuple(slice(j[i] * dilations[i], j[i] * dilations[i] + strides[i] * (out[i] - 1) + 1, strides[i])
-                       for i in range(n))
-        xs = x[(slice(None), slice(None)) + window].reshape(N, group, Cg, -1)
-        z += Wg[(Ellipsis,) + j] @ xs  # [g, M/g, C/g] @ [N, g, C/g, P] -> [N, g, M/g, P]
+    P = int(np.prod(out))
+    # [g, M/g, K, C/g]: the offsets of a block are consecutive along K
+    Wk = np.ascontiguousarray(np.moveaxis(W.reshape(group, M // group, Cg, -1), 3, 2))
+    z = np.zeros((N, group, M // group, P))
+    for start, block in _offset_blocks(k, 8 * N * Cg * group * P):
+        cols = np.stack([x[(slice(None), slice(None)) + _window(j, dilations, strides, out)].reshape(N, group, Cg, P)
+                         for j in block], axis=2)  # [N, g, B, C/g, P]
+        Wb = Wk[:, :, start:start + len(block)].reshape(group, M // group, -1)
+        z += Wb @ cols.reshape(N, group, -1, P)  # [g, M/g, B C/g] @ [N, g, B C/g, P]
     z = z.reshape([N, M] + out)
     return z + np.asarray(b, np.float64).reshape((1, M) + (1,) * n) if b is not None else z
 
 
 def conv_transpose_forward(x, W, b, strides, pads, dilations, group: int, output_padding) -> np.ndarray:
-    """ONNX ConvTranspose in float64: x [N, C, *S], W [C, M/g, *k]. Each kernel offset scatters
-    its matrix product onto a strided window of the full output, which the pads then crop."""
+    """ONNX ConvTranspose in float64: x [N, C, *S], W [C, M/g, *k]. One BLAS product per block of
+    kernel offsets; each offset's share is added onto its strided window of the full output,
+    which the pads then crop."""
     x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
     N, n, k, S = x.shape[0], W.ndim - 2, W.shape[2:], x.shape[2:]
     C, Mg = W.shape[:2]
-    Cg = C // group
+    Cg, P = C // group, int(np.prod(S))
     full = [geometry.conv_transpose_output_size(S[i], k[i], strides[i], dilations[i], 0, 0, output_padding[i])
             for i in range(n)]
-    Wg = W.reshape((group, Cg, Mg) + k).swapaxes(1, 2)  # [g, M/g, C/g, *k]
-    xg = x.reshape(N, group, Cg, -1)
+    # [g, K, M/g, C/g]: the offsets of a block are consecutive along K
+    Wk = np.ascontiguousarray(np.moveaxis(W.reshape(group, Cg, Mg, -1), (3, 2), (1, 2)))
+    xg = x.reshape(N, group, Cg, P)
     z = np.zeros([N, group, Mg] + full)
-    for j in np.ndindex(*k):
-        window = tuple(slice(j[i] * dilations[i], j[i] * dilations[i] + strides[i] * (S[i] - 1) + 1, strides[i])
-                       for i in range(n))
-        z[(slice(None),) * 3 + window] += (Wg[(Ellipsis,) + j] @ xg).reshape((N, group, Mg) + S)
+    for start, block in _offset_blocks(k, 8 * N * Mg * group * P):
+        Wb = Wk[:, start:start + len(block)].reshape(group, -1, Cg)
+        parts = (Wb @ xg).reshape((N, group, len(block), Mg) + tuple(S))  # [g, B M/g, C/g] @ [N, g, C/g, P]
+        for i, j in enumerate(block):
+            z[(slice(None),) * 3 + _window(j, dilations, strides, S)] += parts[:, :, i]
     z = _pad(z.reshape([N, group * Mg] + full), [-p for p in pads])
     return z + np.asarray(b, np.float64).reshape((1, group * Mg) + (1,) * n) if b is not None else z
 
