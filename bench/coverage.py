@@ -146,40 +146,13 @@ def _inline_external(path: Path) -> None:
 # -- Zennit on the torch model ------------------------------------------------------------------------------
 
 def _exact_merge_bn():
-    from zennit.canonizers import SequentialMergeBatchNorm
+    """Zennit's BatchNorm merge made exact (eps 0 while merged; only where channels match: DenseNet),
+    shared with tests/test_zennit_parity.py."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import torch_nets
 
-    class ExactSequentialMergeBatchNorm(SequentialMergeBatchNorm):
-        """Zennit's merge with the neutralised BatchNorm's eps set to 0 (tests/test_zennit_parity.py)."""
-
-        def register(self, linears, batch_norm):
-            self.saved_eps = batch_norm.eps
-            super().register(linears, batch_norm)
-            batch_norm.eps = 0.0
-
-        def remove(self):
-            super().remove()
-            self.batch_norm.eps = self.saved_eps
-
-        def copy(self):
-            return self.__class__()
-
-        def apply(self, root_module):
-            """Zennit's pairing of adjacent leaves, only where the BatchNorm has the linear layer's
-            output channels: DenseNet's leaf order puts a layer's conv2 (32 channels) right before the
-            next layer's norm1 (which reads the concatenation), and Zennit would merge them."""
-            from zennit.core import collect_leaves
-
-            instances, last = [], None
-            for leaf in collect_leaves(root_module):
-                if isinstance(last, self.linear_type) and isinstance(leaf, self.batch_norm_type) \
-                        and last.weight.shape[0] == leaf.num_features:
-                    instance = self.copy()
-                    instance.register((last,), leaf)
-                    instances.append(instance)
-                last = leaf
-            return instances
-
-    return ExactSequentialMergeBatchNorm()
+    return torch_nets.exact_merge_batchnorm()()
 
 
 def _sum_of(module, *terms):

@@ -62,26 +62,8 @@ BOUNDS = {"scalar": (-3.0, 3.0), "per-channel": ([-2.5, -2.0, -3.0], [2.0, 3.0, 
 SEEDS = ("logit", "one")
 
 
-class ExactSequentialMergeBatchNorm(SequentialMergeBatchNorm):
-    """Zennit's ``SequentialMergeBatchNorm``, with the merged BatchNorm made an exact identity.
-
-    After merging, Zennit 0.5.1 sets the BN to ``mean 0, var 1, weight 1, bias 0`` but keeps its
-    ``eps``, so it computes ``x / sqrt(1 + eps)`` (1 - 5e-6 for the default eps) instead of ``x``.
-    Setting ``eps = 0`` while merged (restored by ``remove``) makes the canonized model equal to the
-    model, which is what lrponnx folds and explains.
-    """
-
-    def register(self, linears, batch_norm):
-        self.saved_eps = batch_norm.eps
-        super().register(linears, batch_norm)
-        batch_norm.eps = 0.0
-
-    def remove(self):
-        super().remove()
-        self.batch_norm.eps = self.saved_eps
-
-    def copy(self):
-        return self.__class__()
+#: Zennit's BatchNorm merge with the merged BN an exact identity (see torch_nets.exact_merge_batchnorm)
+ExactSequentialMergeBatchNorm = torch_nets.exact_merge_batchnorm()
 
 
 # -- the two sides ----------------------------------------------------------------------------------

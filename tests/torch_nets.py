@@ -27,6 +27,7 @@ same numbers, but a module Zennit can give its ``Norm`` rule). Same module, same
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 __all__ = ["VGGBN", "ResNetSmall", "InceptionSmall", "NETS", "make_net", "randomize_batchnorm",
-           "use_zennit_sum", "export_onnx"]
+           "use_zennit_sum", "exact_merge_batchnorm", "export_onnx"]
 
 
 class Residual(nn.Module):
@@ -61,6 +62,56 @@ def use_zennit_sum(model: nn.Module, on: bool = True) -> nn.Module:
                 m.sum = Sum()
             m.zennit_sum = on
     return model
+
+
+def _out_channels(layer: nn.Module) -> int:
+    """Output channels of a Conv/ConvTranspose (``out_channels``) or Linear (``out_features``) layer:
+    a transposed convolution's weight is [in, out / groups, ...], so not ``weight.shape[0]``."""
+    return getattr(layer, "out_channels", None) or layer.out_features
+
+
+@functools.cache
+def exact_merge_batchnorm() -> type:
+    """Zennit's ``SequentialMergeBatchNorm`` canonizer class, made exact, for the parity checks
+    (tests/test_zennit_parity.py, bench/coverage.py). Zennit is imported only when asked for.
+
+    - After merging, Zennit 0.5.1 sets the BN to ``mean 0, var 1, weight 1, bias 0`` but keeps its
+      ``eps``, so it computes ``x / sqrt(1 + eps)`` (1 - 5e-6 for the default eps) instead of ``x``.
+      Setting ``eps = 0`` while merged (restored by ``remove``) makes the canonized model equal to
+      the model, which is what lrponnx folds and explains.
+    - Zennit pairs every linear leaf with a BatchNorm leaf that follows it in module order; this one
+      only where the BatchNorm has the linear layer's output channels. DenseNet's leaf order puts a
+      layer's conv2 (32 channels) right before the next layer's norm1 (which reads the
+      concatenation), which Zennit would merge. Where the channels match it pairs as Zennit does.
+    """
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.core import collect_leaves
+
+    class ExactSequentialMergeBatchNorm(SequentialMergeBatchNorm):
+        def register(self, linears, batch_norm):
+            self.saved_eps = batch_norm.eps
+            super().register(linears, batch_norm)
+            batch_norm.eps = 0.0
+
+        def remove(self):
+            super().remove()
+            self.batch_norm.eps = self.saved_eps
+
+        def copy(self):
+            return self.__class__()
+
+        def apply(self, root_module):
+            instances, last = [], None
+            for leaf in collect_leaves(root_module):
+                if isinstance(last, self.linear_type) and isinstance(leaf, self.batch_norm_type) \
+                        and _out_channels(last) == leaf.num_features:
+                    instance = self.copy()
+                    instance.register((last,), leaf)
+                    instances.append(instance)
+                last = leaf
+            return instances
+
+    return ExactSequentialMergeBatchNorm
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None, relu: bool = True,
