@@ -46,7 +46,11 @@ on reruns; raw numbers in ``bench/_work/redesign/results.json``):
    the node counts of the two explainer graphs. When the relevance differs at all, the *before*
    explainer is also run in a second session, to show ORT's own run-to-run noise.
 
-Options: ``--quick`` (1 timed round, no VGG16), ``--repeats N``, ``--no-timing``, ``--no-equivalence``,
+Time: ~6 min on a quiet 2-core machine (--quick ~1.5 min); under heavy load (load average 10) a run took 14 min.
+Timings need a quiet machine: the section says so when the load average passed 2.5 during the convert runs.
+
+Options: ``--quick`` (1 timed round, no VGG16), ``--repeats N`` (default 3),
+``--render RESULTS_JSON`` (re-render the section from an earlier run), ``--no-timing``, ``--no-equivalence``,
 ``--models a,b`` (of: cifar10-lrn, cifar10-full-caffe, bvlc-caffenet, bvlc-googlenet, vgg16),
 ``--after-python`` (default: this interpreter), ``--no-docs`` (print, do not write the page).
 """
@@ -286,7 +290,7 @@ def summarize_timing(runs: dict) -> list[dict]:
         row = {"model": model, "composite": comp}
         for t in TREES:
             ok = [r for r in by_tree[t] if not r["warmup"] and r["rc"] == 0]
-            failed = [r for r in by_tree[t] if r["rc"] != 0]
+            failed = [r for r in by_tree[t] if not r["warmup"] and r["rc"] != 0]
             row[t] = {"n": len(ok), "failed": len(failed),
                       "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
                       "wall_range": [min(r["wall_s"] for r in ok), max(r["wall_s"] for r in ok)] if ok else None,
@@ -294,6 +298,7 @@ def summarize_timing(runs: dict) -> list[dict]:
                       "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok) if ok else None,
                       "explainer_bytes": ok[-1].get("explainer_bytes") if ok else None,
                       "error": failed[-1].get("stderr", "")[-300:] if failed else None}
+        row["max_load"] = max((max(r["load"]) for t in TREES for r in by_tree[t] if not r["warmup"]), default=None)
         b, a = row["before"], row["after"]
         row["time_ratio"] = a["wall_s"] / b["wall_s"] if a["wall_s"] and b["wall_s"] else None
         row["cpu_ratio"] = a["cpu_s"] / b["cpu_s"] if a["cpu_s"] and b["cpu_s"] else None
@@ -468,6 +473,11 @@ def render(res: dict) -> str:
     L.append(f"Written by `{res['command']}` ({res['started']}, took {res['elapsed_s'] / 60:.1f} min; "
              f"{res['machine']}; load average {res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end: "
              "above ~2.5 other work shared the 2 cores).")
+    loads = [r["max_load"] for r in res.get("timing", []) if r.get("max_load") is not None]
+    if loads and max(loads) > 2.5:
+        L.append(f"\n**The timings below are not reliable**: the load average reached {max(loads):.1f} during the "
+                 "convert runs (other work on the machine); rerun when the machine is quiet (load < 2). Peak RSS "
+                 "and the relevance comparison do not depend on load.\n")
     for name, t in (("before", tb), ("after", ta)):
         dirty = " + uncommitted changes" if t["dirty"] else ""
         vs = ", ".join(f"{k} {v}" for k, v in t["versions"].items())
@@ -504,6 +514,9 @@ def render(res: dict) -> str:
                 if r["rss_ratio"] > 1 + res["rss_tol"] and a["peak_rss_mb"] - b["peak_rss_mb"] > res["rss_slack"]:
                     worse.append("memory")
                 verdict = ("**worse** (" + ", ".join(worse) + ")") if worse else "no worse"
+                fails = [f"{s['failed']} {t} run(s) failed" for t, s in (("before", b), ("after", a)) if s["failed"]]
+                if fails:  # medians of the runs that succeeded; say so
+                    verdict += "; **" + ", ".join(fails) + "**"
             sizes = " / ".join(_f(s["explainer_bytes"] / 2**20 if s["explainer_bytes"] else None, ".1f") for s in (b, a))
             L.append(f"| {LABELS[r['model']]} | {r['composite']} | {_f(b['wall_s'], '.2f')} | {_f(a['wall_s'], '.2f')} | "
                      f"{_f(r['time_ratio'], '.2f')} | {_f(b['cpu_s'], '.2f')} | {_f(a['cpu_s'], '.2f')} | "
@@ -562,7 +575,7 @@ def main(argv=None) -> int:
     p.add_argument("--before-python", required=True, help="interpreter whose `import lrponnx` is the before tree")
     p.add_argument("--after-python", default=sys.executable, help="interpreter of the after tree (default: this one)")
     p.add_argument("--quick", action="store_true", help="1 timed round and no VGG16 (~2 min)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3, --quick 1)")
     p.add_argument("--models", default=None, help="comma-separated, of " + ", ".join(LABELS))
     p.add_argument("--composites", default=",".join(COMPOSITES))
     p.add_argument("--shared-data", default=None, help="the shared data folder (default $LRPONNX_SHARED_DATA "
@@ -576,8 +589,20 @@ def main(argv=None) -> int:
     p.add_argument("--rss-tol", type=float, default=0.05, help="after/before RSS ratio above 1 + this is worse")
     p.add_argument("--rss-slack", type=float, default=5.0, help="MiB the peak RSS may grow before it is worse")
     p.add_argument("--no-docs", action="store_true", help="print the section instead of writing docs/benchmarks.md")
+    p.add_argument("--render", metavar="RESULTS_JSON", help="only re-render the docs section from a results.json "
+                   "of an earlier run (e.g. bench/_work/redesign/results.json)")
     args = p.parse_args(argv)
 
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        if res.get("timing_runs"):  # summarise again: the summary may have changed since that run
+            res["timing"] = summarize_timing({(x["model"], x["composite"]): x["runs"] for x in res["timing_runs"]})
+        text = render(res)
+        if args.no_docs:
+            print(text)
+        else:
+            write_doc(text)
+        return 0
     t0 = time.time()
     argv_used = argv if argv is not None else sys.argv[1:]
     command = "python bench/redesign_compare.py " + " ".join(shlex.quote(a) for a in argv_used)
@@ -586,7 +611,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(LABELS)}")
     composites = [c for c in args.composites.split(",") if c]
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     shared = shared_dir(args.shared_data)
 
     trees = {"before": probe_tree("before", args.before_python), "after": probe_tree("after", args.after_python)}
