@@ -62,7 +62,7 @@ def describe_rules() -> str:
     from lrponnx.ops import load_handlers
     from lrponnx.rules import RULES
     from lrponnx.rules.base import fmt
-    from lrponnx.rules.composites import COMPOSITES, DEFAULT_COMPOSITE, common_entries
+    from lrponnx.rules.composites import COMMON_ENTRIES, COMPOSITES, DEFAULT_COMPOSITE
 
     handlers = load_handlers()
     lines = ["Rules (--rule NODE_OR_OPTYPE=RULE[:k=v,...]; per-channel values a/b/c):", ""]
@@ -85,6 +85,6 @@ def describe_rules() -> str:
                      + (f"  {comp.summary}" if comp.summary else "")
                      + (f"; every stabiliser {comp.epsilon:g}" if comp.epsilon is not None else ""))
         lines += [entry(p, r) for p, r in comp.entries]
-    lines += ["", "  then, in every composite:"] + [entry(p, r) for p, r in common_entries()]
+    lines += ["", "  then, in every composite:"] + [entry(p, r) for p, r in COMMON_ENTRIES]
     lines.append("      otherwise -> the op handler's default rule (the first of those it names)")
     return "\n".join(lines)

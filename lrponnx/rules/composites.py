@@ -2,7 +2,7 @@
 
 A composite (preset, as Zennit's layer-map composites) is an ordered list of
 ``(predicate over a unit, rule)``; the first predicate that holds gives the unit its rule. After
-the composite's own entries come the ones every composite shares (:func:`common_entries`):
+the composite's own entries come the ones every composite shares (:data:`COMMON_ENTRIES`):
 attention ops are refused, LRN gets ``--lrn-rule``, an activation shifted or scaled by a
 constant passes, LayerNorm and MatMul/Gemm by a constant get epsilon; any other unit gets its
 handler's default rule (the first it names). Overrides by node name, op type or position
@@ -24,7 +24,7 @@ from lrponnx.rules.attention import AttnLrp, AttnLrpSoftmax, Uniform
 from lrponnx.rules.base import RULES, Rule, default, make_rule, parse_rule  # noqa: F401  (parse_rule: API)
 from lrponnx.rules.basic import Norm, Pass
 from lrponnx.rules.linear import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
-from lrponnx.rules.lrn import DENOMINATORS, LRN_RULES, Taylor
+from lrponnx.rules.lrn import LRN_RULES, Taylor
 
 Predicate = Callable[[Unit], bool]
 
@@ -144,21 +144,14 @@ class Composite:
     epsilon: float | None = None
     summary: str = ""
 
-    def rule_for(self, u: Unit, opts: RuleOptions) -> Rule | None:
-        for predicate, rule in self.entries + common_entries():
-            if predicate(u):
-                return rule(opts) if callable(rule) and not isinstance(rule, Rule) else rule
-        raise LookupError  # no entry: the handler's default
 
-
-def common_entries() -> list:
-    """What every composite does after its own entries."""
-    return [
-        (is_attention, None),              # refused unless the composite has the AttnLRP rules
-        (is_lrn, lrn_rule),
-        (is_constant_shift, Pass()),
-        (is_epsilon_kind, dense_epsilon),  # the dense layers' stabiliser (--epsilon)
-    ]
+#: what every composite does after its own entries
+COMMON_ENTRIES: list = [
+    (is_attention, None),              # refused unless the composite has the AttnLRP rules
+    (is_lrn, lrn_rule),
+    (is_constant_shift, Pass()),
+    (is_epsilon_kind, dense_epsilon),  # the dense layers' stabiliser (--epsilon)
+]
 
 
 _ALPHA2_BETA1 = AlphaBeta(alpha=2.0, beta=1.0)
@@ -199,8 +192,9 @@ def check_options(opts: RuleOptions) -> None:
     dense_epsilon(opts)
     gamma_rule(opts)
     box_rule(opts)
+    Taylor(denominator=opts.lrn_denominator)
     try:
-        Taylor(epsilon=opts.lrn_epsilon, denominator=opts.lrn_denominator)
+        Taylor(epsilon=opts.lrn_epsilon)
     except RuleError as e:
         raise RuleError(f"{e} (the LRN rule's stabiliser, --lrn-epsilon)") from None
 
@@ -232,8 +226,6 @@ def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> Non
         raise RuleError(f"unknown composite {opts.composite!r}; choose one of: {', '.join(COMPOSITES)}")
     if opts.lrn_rule not in LRN_RULES:  # checked even when the model has no LRN
         raise RuleError(f"unknown LRN rule {opts.lrn_rule!r}; choose taylor or identity")
-    if opts.lrn_denominator not in DENOMINATORS:
-        raise RuleError(f"taylor's denominator must be 'sum' or 'output', got {opts.lrn_denominator!r}")
     check_options(opts)
     comp = COMPOSITES[opts.composite]
     table = load_handlers()
@@ -248,10 +240,12 @@ def assign_rules(units: list[Unit], inputs: list[str], opts: RuleOptions) -> Non
 def _default_rule(u: Unit, comp: Composite, opts: RuleOptions, h: Handler | None) -> Rule | None:
     if h is None:
         return None
-    try:
-        return comp.rule_for(u, opts)
-    except LookupError:
-        return make_rule(h.rules[0])
+    for predicate, rule in comp.entries + COMMON_ENTRIES:
+        if predicate(u):
+            return rule(opts) if callable(rule) else rule
+    if not h.rules:
+        raise RuleError(f"composite {comp.name!r} has no rule for {shorten(u.name)!r} ({u.op_type})")
+    return make_rule(h.rules[0])  # the handler's default
 
 
 def _apply_overrides(units: list[Unit], overrides, table) -> None:
