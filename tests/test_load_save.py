@@ -101,3 +101,31 @@ def test_model_tensors_finds_every_tensor():
     names = sorted(t.name for t in model_tensors(m))
     assert names == sorted(["init_main", "c_main", "init_then", "c_then", "c_else", "in_list", "c_func"])
 
+
+
+@pytest.mark.parametrize("where", ["node_name", "subgraph_output", "function_doc", "constant_tensor", "metadata"])
+def test_check_text_finds_non_utf8_anywhere(where):
+    """A string field with bytes that are not UTF-8, placed by hand at several depths, is named."""
+    from lrponnx.compiler.load import check_text
+
+    mark = "QQQQ"
+    def name(place):
+        return mark if place == where else place
+
+    then_g = helper.make_graph([helper.make_node("Identity", ["a"], [name("subgraph_output")])], "then", [],
+                               [helper.make_tensor_value_info(name("subgraph_output"), 1, [2])])
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(2, np.float32),
+                                                                               name("constant_tensor")))
+    g = helper.make_graph([c, helper.make_node("If", ["cond"], ["y"], name=name("node_name"), then_branch=then_g,
+                                               else_branch=then_g)], "g",
+                          [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", 1, [2])])
+    f = helper.make_function("local", "F", [], [], [], [helper.make_opsetid("", 17)], doc_string=name("function_doc"))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], functions=[f])
+    helper.set_model_props(m, {"k": name("metadata")})
+    data = m.SerializeToString()
+    assert data.count(mark.encode()) >= 1
+    bad = onnx.ModelProto.FromString(data.replace(mark.encode(), b"Q\xffQQ"))
+    check_text(m)  # the clean model passes
+    with pytest.raises(InvalidModelError, match="not UTF-8 text"):
+        check_text(bad)
