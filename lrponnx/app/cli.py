@@ -6,7 +6,7 @@ import os
 import sys
 
 from lrponnx import __version__
-from lrponnx.app.rule_options import _floats, add_rule_flags, rule_kwargs  # noqa: F401  (add_rule_flags: plugins)
+from lrponnx.app.rule_options import _floats, add_rule_flags, rule_kwargs
 from lrponnx.app.termination import Terminated, on_sigterm as _on_sigterm
 from lrponnx.errors import LrpOnnxError
 

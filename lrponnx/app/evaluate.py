@@ -14,7 +14,7 @@ from lrponnx.errors import LrpOnnxError
 
 
 def register(subparsers) -> None:
-    from lrponnx.app.cli import add_rule_flags
+    from lrponnx.app.rule_options import add_rule_flags
 
     p = subparsers.add_parser(
         "evaluate", help="score heatmaps by region perturbation (AOPC, most relevant first vs random)",
@@ -90,7 +90,7 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def run(args) -> int:
-    from lrponnx.app.cli import rule_kwargs
+    from lrponnx.app.rule_options import rule_kwargs
     from lrponnx.app.explain import _providers
     from lrponnx.compiler.load import read_model
     from lrponnx.app.perturbation import evaluate, lrn_methods, plot_curves, save_json
