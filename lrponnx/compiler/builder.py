@@ -70,18 +70,21 @@ class GraphBuilder:
 
     # -- nodes ---------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, hint: str | None = None, outputs: int = 1,
-           domain: str = "", output: str | None = None, **attrs) -> str | list[str]:
-        """Append one node; returns its output name (or names when ``outputs > 1``).
-        ``output``: write to exactly this (existing) name, for a node that replaces its producer."""
+           domain: str = "", output: str | list[str] | None = None, name: str | None = None,
+           **attrs) -> str | list[str]:
+        """Append one node; returns its output name (or names when ``outputs > 1`` or ``output``
+        is a list). ``output``: write to exactly this (existing) name, or these names, for a node
+        that replaces its producer. ``name``: the node's exact name (the Caffe converter names
+        nodes after layers); by default a fresh one from the hint."""
         hint = hint or op_type.lower()
         if output is not None:
-            outs = [output]
+            outs = [output] if isinstance(output, str) else list(output)
         else:
             outs = [self.fresh(hint if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
-        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"node/{hint}"),
-                                domain=domain or None, **attrs)
+        name = self.fresh(f"node/{hint}") if name is None else name
+        node = helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None, **attrs)
         self.graph.node.append(node)
-        return outs[0] if outputs == 1 else outs
+        return outs if outputs != 1 or isinstance(output, list) else outs[0]
 
     @contextmanager
     def detached(self) -> Iterator[list]:
