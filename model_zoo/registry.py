@@ -12,6 +12,7 @@ data folder (``../shared/data``, or ``$LRPONNX_SHARED_DATA``) and the Caffe conv
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -77,53 +78,38 @@ def verify_bundled(path: Path | None = None) -> Path:
     return path
 
 
-def _build_cifar10_lrn(out_dir: Path, *, retrain: bool = False, seed: int | None = None,
-                       epochs: int | None = None, log=print) -> Path:
-    out = Path(out_dir) / "cifar10-lrn.onnx"
-    if not retrain:
-        if seed is not None or epochs is not None:
-            raise LrpOnnxError("seed/epochs only apply with retrain=True (--retrain)")
-        src = verify_bundled()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if src.resolve() != out.resolve():
-            shutil.copyfile(src, out)
-        return out
-    from lrponnx.model_zoo.cifar10_lrn import TrainConfig, train
-
-    defaults = TrainConfig()
-    cfg = TrainConfig(seed=defaults.seed if seed is None else seed,
-                      epochs=defaults.epochs if epochs is None else epochs)
-    _, report = train(config=cfg, out=out, log=log)
-    (Path(out_dir) / "cifar10-lrn.train.json").write_text(json.dumps(report, indent=1))
-    return out
-
-
 def bundled_path(name: str) -> Path:
     """The checksum-verified bundled ONNX file of zoo model ``name``."""
-    files = {"cifar10-lrn": BUNDLED, "vit-cifar10": VIT_BUNDLED}
-    if name not in files:
-        raise UnknownModelError(f"{name!r} is not bundled; bundled: {', '.join(files)}")
-    return verify_bundled(HERE / files[name])
+    paths = {"cifar10-lrn": default_model_path(), "vit-cifar10": HERE / VIT_BUNDLED}
+    if name not in paths:
+        raise UnknownModelError(f"{name!r} is not bundled; bundled: {', '.join(paths)}")
+    return verify_bundled(paths[name])
 
 
-def _build_vit_cifar10(out_dir: Path, *, retrain: bool = False, seed: int | None = None,
-                       epochs: int | None = None, log=print) -> Path:
-    out = Path(out_dir) / "vit-cifar10.onnx"
-    if not retrain:
-        if seed is not None or epochs is not None:
-            raise LrpOnnxError("seed/epochs only apply with retrain=True (--retrain)")
-        src = bundled_path("vit-cifar10")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if src.resolve() != out.resolve():
-            shutil.copyfile(src, out)
+def _build_trained(name: str, recipe: str) -> Callable[..., Path]:
+    """The builder of a bundled, trained entry: copy the checksum-verified file, or with ``retrain=True``
+    run the recipe module ``lrponnx.model_zoo.<recipe>`` (its ``TrainConfig`` and ``train``) with
+    ``seed``/``epochs`` (defaults: the recipe's) and write ``<name>.train.json`` beside the model."""
+    def build(out_dir: Path, *, retrain: bool = False, seed: int | None = None, epochs: int | None = None,
+              log=print) -> Path:
+        out = Path(out_dir) / f"{name}.onnx"
+        if not retrain:
+            if seed is not None or epochs is not None:
+                raise LrpOnnxError("seed/epochs only apply with retrain=True (--retrain)")
+            src = bundled_path(name)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if src.resolve() != out.resolve():
+                shutil.copyfile(src, out)
+            return out
+        module = importlib.import_module(f"lrponnx.model_zoo.{recipe}")
+        defaults = module.TrainConfig()
+        cfg = module.TrainConfig(seed=defaults.seed if seed is None else seed,
+                                 epochs=defaults.epochs if epochs is None else epochs)
+        _, report = module.train(config=cfg, out=out, log=log)
+        (Path(out_dir) / f"{name}.train.json").write_text(json.dumps(report, indent=1))
         return out
-    from lrponnx.model_zoo.vit_cifar10 import TrainConfig, train
 
-    defaults = TrainConfig()
-    cfg = TrainConfig(seed=defaults.seed if seed is None else seed, epochs=defaults.epochs if epochs is None else epochs)
-    _, report = train(cfg, out=out, log=log)
-    (Path(out_dir) / "vit-cifar10.train.json").write_text(json.dumps(report, indent=1))
-    return out
+    return build
 
 
 def _build_bvlc(name: str) -> Callable[..., Path]:
@@ -143,7 +129,7 @@ def _build_cifar10_full_caffe(out_dir: Path, *, log=print) -> Path:
 
 _ENTRIES = [
     Entry("cifar10-lrn", "CIFAR-10 CNN, LRN across + within channel, trained by our recipe (bundled)",
-          trained=True, bundled=True, needs_shared_data=False, needs_converter=False, builder=_build_cifar10_lrn),
+          trained=True, bundled=True, needs_shared_data=False, needs_converter=False, builder=_build_trained("cifar10-lrn", "cifar10_lrn")),
     Entry("cifar10-full-caffe", "Caffe's trained cifar10_full (WITHIN_CHANNEL LRN), converted",
           trained=True, bundled=False, needs_shared_data=True, needs_converter=True,
           builder=_build_cifar10_full_caffe),
@@ -156,8 +142,8 @@ _ENTRIES = [
     Entry("bvlc-googlenet", "BVLC GoogLeNet architecture (ACROSS_CHANNELS LRN), UNTRAINED random weights",
           trained=False, bundled=False, needs_shared_data=True, needs_converter=True,
           builder=_build_bvlc("bvlc-googlenet")),
-    Entry("vit-cifar10", "CIFAR-10 Vision Transformer (4 blocks, 4x4 patches), trained by our recipe (bundled; attnlrp)",
-          trained=True, bundled=True, needs_shared_data=False, needs_converter=False, builder=_build_vit_cifar10),
+    Entry("vit-cifar10", "CIFAR-10 Vision Transformer (3 blocks, 4x4 patches), trained by our recipe (bundled; attnlrp)",
+          trained=True, bundled=True, needs_shared_data=False, needs_converter=False, builder=_build_trained("vit-cifar10", "vit_cifar10")),
 ]
 
 
@@ -175,7 +161,7 @@ def get(name: str) -> Entry:
 def build(name: str, out_dir: str | Path = ".", **options) -> Path:
     """Build zoo model ``name`` into ``out_dir``; return the ONNX path (``<out_dir>/<name>.onnx``).
 
-    Options: ``cifar10-lrn`` takes ``retrain=True`` with ``seed``/``epochs``; ``bvlc-*`` take ``seed``
+    Options: ``cifar10-lrn`` and ``vit-cifar10`` take ``retrain=True`` with ``seed``/``epochs``; ``bvlc-*`` take ``seed``
     (of the random weights). Recipes needing ../shared/data raise ``SharedDataMissingError`` without it.
     """
     return get(name).builder(Path(out_dir), **options)
