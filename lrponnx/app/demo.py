@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from lrponnx.metadata import COMPOSITE_KEY, PATCH_SIZE_KEY
 
 
@@ -16,22 +17,14 @@ def run_demo(output="demo_out", model: str | None = None) -> int:
     from lrponnx.compiler.emit import convert
     from lrponnx.files import atomic_path, check_output_folder, save_model
     from lrponnx.model_zoo.registry import default_model_path
-    from lrponnx.app.preprocess import Preprocessing
     from lrponnx.app.render import overview, render, save_png
-    from lrponnx.app.runtime import Explainer
-    from lrponnx.app.samples import sample_images
 
     started = time.perf_counter()
     out = check_output_folder(Path(output))  # an existing file there: one line, exit 2
     model_path = default_model_path()
     explainer_model = convert(str(model_path))  # default composite, LRN taylor
     save_model(explainer_model, out / "explainer.onnx", inputs=[model_path])
-    ex = Explainer(explainer_model)
-    pre = Preprocessing.from_model(explainer_model)
-    size = tuple(pre.size) if pre is not None and pre.size else (32, 32)
-    photos = sample_images(size=size)
-    x = np.stack([pre.apply(rgb) for _, rgb in photos]).astype(np.float32)
-    result = ex.explain(x)
+    ex, result, photos, size = _explain_photos(explainer_model)
     logits = result.outputs[ex.model_outputs[0]]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -62,11 +55,8 @@ def _run_side_by_side(output, name: str) -> int:
     from lrponnx.compiler.emit import convert
     from lrponnx.files import atomic_path, check_output_folder, save_model
     from lrponnx.model_zoo import registry
-    from lrponnx.app.preprocess import Preprocessing
     from lrponnx.app.render import grid, render, save_png
     from lrponnx.app.render_text import patch_relevance
-    from lrponnx.app.runtime import Explainer
-    from lrponnx.app.samples import sample_images
 
     started = time.perf_counter()
     entry = registry.get(name)  # an unknown name: one line listing the zoo, exit 2
@@ -86,12 +76,8 @@ def _run_side_by_side(output, name: str) -> int:
         explainer_model = convert(str(path), composite=composite)
         stem = "explainer" if path == cnn_path else f"explainer_{name}"
         save_model(explainer_model, out / f"{stem}.onnx", inputs=[path])
-        ex = Explainer(explainer_model)
-        pre = Preprocessing.from_model(explainer_model)
-        size = tuple(pre.size) if pre is not None and pre.size else (32, 32)
-        photos = sample_images(size=size)
-        x = np.stack([pre.apply(rgb) for _, rgb in photos]).astype(np.float32)
-        results.append((path.name, composite, ex, ex.explain(x), photos, size))
+        ex, result, photos, size = _explain_photos(explainer_model)
+        results.append((path.name, composite, ex, result, photos, size))
     rows, labels = [], []
     (cnn_file, cnn_comp, cnn_ex, cnn_res, photos, size), (vit_file, vit_comp, vit_ex, vit_res, _, _) = results
     patch = int(_meta_number(vit_ex, PATCH_SIZE_KEY, 4))
@@ -116,6 +102,21 @@ def _run_side_by_side(output, name: str) -> int:
     print(f"wrote {out / 'overview.png'} (input | CNN heatmap | {name} heatmap | per patch) and the explainers "
           f"to {out} in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _explain_photos(explainer_model):
+    """The bundled sample photos at the model's input size, explained: (explainer, explanation,
+    [(name, uint8 RGB)], (height, width))."""
+    from lrponnx.app.preprocess import Preprocessing
+    from lrponnx.app.runtime import Explainer
+    from lrponnx.app.samples import sample_images
+
+    ex = Explainer(explainer_model)
+    pre = Preprocessing.from_model(explainer_model)
+    size = tuple(pre.size) if pre is not None and pre.size else (32, 32)
+    photos = sample_images(size=size)
+    x = np.stack([pre.apply(rgb) for _, rgb in photos]).astype(np.float32)
+    return ex, ex.explain(x), photos, size
 
 
 def _meta_number(ex, key: str, default):
