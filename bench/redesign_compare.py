@@ -44,7 +44,8 @@ on reruns; raw numbers in ``bench/_work/redesign/results.json``):
    samples; pass when <= ``--tolerance``, default 1e-6), max abs difference of the model outputs, whether
    the explained classes agree, whether the per-node rules (metadata ``lrponnx.rules``) are the same, and
    the node counts of the two explainer graphs. When the relevance differs at all, the *before*
-   explainer is also run in a second session, to show ORT's own run-to-run noise.
+   explainer is also run in a second session, to show ORT's own run-to-run noise, and the two graphs are
+   compared: same nodes? which constants (initializers) differ, and by how much.
 
 Time: ~6 min on a quiet 2-core machine (--quick ~1.5 min); under heavy load (load average 10) a run took 14 min.
 Timings need a quiet machine: the section says so when the load average passed 2.5 during the convert runs.
@@ -407,6 +408,32 @@ def graph_facts(path: Path) -> dict:
             "ops": dict(collections.Counter(n.op_type for n in m.graph.node))}
 
 
+def graph_diff(before: Path, after: Path) -> dict:
+    """Where two explainers differ: the same nodes (op, inputs, outputs, in order)? which initializers
+    (by name) hold different values, with the largest difference and the largest magnitude there."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    b, a = onnx.load(str(before)), onnx.load(str(after))
+
+    def nodes(m):
+        return [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node]
+
+    ib = {t.name: t for t in b.graph.initializer}
+    ia = {t.name: t for t in a.graph.initializer}
+    consts = []
+    for name in sorted(set(ib) & set(ia)):
+        x, y = numpy_helper.to_array(ib[name]), numpy_helper.to_array(ia[name])
+        if x.shape != y.shape:
+            consts.append({"name": name, "shape": [list(x.shape), list(y.shape)]})
+        elif not np.array_equal(x, y):
+            d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            consts.append({"name": name, "max_abs_diff": float(d.max()), "max_abs": float(np.abs(x).max())})
+    return {"nodes_equal": nodes(b) == nodes(a), "only_before": sorted(set(ib) - set(ia))[:5],
+            "only_after": sorted(set(ia) - set(ib))[:5], "constants": consts}
+
+
 def rel_l2(a, b):
     import numpy as np
 
@@ -454,6 +481,7 @@ def compare(model: str, comp: str, path: Path, shared: Path, tol: float) -> dict
     if row["max_rel_l2"] > 0:  # how much does ORT alone move between two sessions of the same file?
         b2 = run_explainer(eb, x)
         row["noise_rel_l2"] = float(max(rel_l2(b2["relevance"][k], b["relevance"][k]).max() for k in b["relevance"]))
+        row["where"] = graph_diff(eb, ea)
     row["passed"] = not problems and row["max_rel_l2"] <= tol and row["classes_equal"]
     log(f"  {model} {comp}: max rel L2 {row['max_rel_l2']:.2e}, outputs max |diff| {out_diff:.2e}, "
         f"rules equal {row['rules_equal']}, nodes {row['graph_before']['nodes']} -> {row['graph_after']['nodes']}"
@@ -546,6 +574,19 @@ def render(res: dict) -> str:
                      f"{r['max_abs_output_diff']:.1e} | {'yes' if r['classes_equal'] else '**no**'} | "
                      f"{'yes' if r['rules_equal'] else '**no**'} | {r['graph_before']['nodes']} → "
                      f"{r['graph_after']['nodes']} | {'yes' if r['passed'] else '**no**'}{extra} |")
+        for r in res["equivalence"]:
+            w = r.get("where")
+            if not w:
+                continue
+            parts = ["the same nodes" if w["nodes_equal"] else "**different nodes**"]
+            for c in w["constants"][:3]:
+                parts.append(f"constant `{c['name']}` " + (f"max abs diff {c['max_abs_diff']:.1e} (values up to "
+                             f"{c['max_abs']:.1e})" if "max_abs_diff" in c else f"shape {c['shape'][0]} → {c['shape'][1]}"))
+            if len(w["constants"]) > 3:
+                parts.append(f"{len(w['constants']) - 3} more constants")
+            if w["only_before"] or w["only_after"]:
+                parts.append(f"initializers only before {w['only_before']}, only after {w['only_after']}")
+            L.append(f"\nWhere {LABELS[r['model']]} / {r['composite']} differs: " + "; ".join(parts) + ".")
         diffs = [r for r in res["equivalence"] if r.get("rules_diff")]
         for r in diffs:
             shown = "; ".join(f"`{k}`: `{v[0]}` → `{v[1]}`" for k, v in list(r["rules_diff"].items())[:4])
