@@ -34,7 +34,7 @@ on reruns; raw numbers in ``bench/_work/redesign/results.json``):
    wall and the CPU ratio above ``1 + --time-tol`` (other work on the machine stretches wall time alone). Commands: ``convert MODEL -o OUT
    --composite C`` with the defaults of each tree (LRN rule, epsilon, seed; zbox bounds from the model's
    preprocessing metadata; VGG16 has none, so its ``--low/--high`` are passed).
-4. **Equivalence.** For the zoo models and both composites, the explainers written by the last timed
+4. **Equivalence.** For the zoo models and both composites, the explainers written by the last convert
    round of each tree are run in THIS interpreter's onnxruntime (CPU, 2 threads, same session options)
    on the same batch: Caffe's two example photos, two CIFAR-10 test images for 32x32 models, and two
    images of uniform random pixels (seed 0), each preprocessed as the model's ``lrponnx.preprocessing``
@@ -553,7 +553,7 @@ def render(res: dict) -> str:
         L.append("")
     if res.get("equivalence"):
         L.append("### Same relevance\n")
-        L.append("Both trees' explainers (from the last timed round), run in the same onnxruntime "
+        L.append("Both trees' explainers (from the last convert round), run in the same onnxruntime "
                  f"({ta['versions'].get('onnxruntime')}, CPU, {THREADS} threads) on the same batch: Caffe's "
                  "`cat.jpg` and `fish-bike.jpg`, for 32x32 models also CIFAR-10 test images `cat/0000.jpg` and "
                  "`ship/0000.jpg`, and two images of random pixels (seed 0), each preprocessed as the model's "
