@@ -114,7 +114,7 @@ def lrn_forms(N: int, C: int, H: int, n: int = 5) -> dict:
     def library(target_runtime: str, channels) -> onnx.ModelProto:
         graph = helper.make_graph([], "bench", [X], [])
         g = GraphBuilder(graph)
-        mean = _window_mean(Ctx(g, None, {"target_runtime": target_runtime}), "x", spec, 4, False, channels)
+        mean = _window_mean(Ctx(g, None, target_runtime=target_runtime), "x", spec, 4, False, channels)
         g.identity(mean, "y")
         graph.output.append(Y)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -197,7 +197,7 @@ def wta_model(chw, k, s, pads, batch, target_runtime) -> onnx.ModelProto:
     ys = view.shape("y")
     model.graph.input.append(vi("R", TensorProto.FLOAT, ys))
     g = GraphBuilder(model.graph)
-    (r,) = load_handlers()["MaxPool"].fn(Ctx(g, view, {"target_runtime": target_runtime}), unit, "R").values()
+    (r,) = load_handlers()["MaxPool"].fn(Ctx(g, view, target_runtime=target_runtime), unit, "R").values()
     g.identity(r, "r_x")
     g.output("r_x", TensorProto.FLOAT, [batch, C, H, W])
     return model

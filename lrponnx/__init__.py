@@ -1,6 +1,6 @@
 """lrponnx: compile an ONNX network into an explainer ONNX model that returns the prediction
 and its Layer-wise Relevance Propagation heatmap, including the LRN rule of Binder et al. (2016)."""
-__version__ = "0.1.0"
+from lrponnx.version import __version__  # noqa: E402
 
 from lrponnx.errors import InvalidModelError, LrpOnnxError, RuleError, UnsupportedModelError  # noqa: E402
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lrponnx import __version__
+from lrponnx.version import __version__
 from lrponnx.compiler.emit import convert
 from lrponnx.errors import InvalidModelError, LrpOnnxError
 from lrponnx.compiler.load import first_line, read_model

@@ -25,6 +25,11 @@ class GraphBuilder:
         self._scalars: dict[tuple, str] = {}
         self._declared = {v.name for v in graph.value_info}
         self._io = {v.name for v in list(graph.input) + list(graph.output)}
+        #: relevance products made by ``ops.context.combine``: ``{R: (x, f)}`` for ``R = x * f``, so a
+        #: rule that divides R by x again (eps = 0) takes f instead (``Ctx.stab_div``)
+        self.factored: dict[str, tuple[str, str]] = {}
+        #: forward nodes recomputed by a handler: ``{forward tensor: nodes}``, see :meth:`replace_forward`
+        self.forward_replacements: dict[str, list] = {}
         self._take_existing_names()
 
     def _take_existing_names(self) -> None:
@@ -98,6 +103,20 @@ class GraphBuilder:
             copy.CopyFrom(n)
             taken.append(copy)
         del self.graph.node[start:]
+
+    def replace_forward(self, output: str, nodes: list) -> None:
+        """Record that ``nodes`` (collected with :meth:`detached`) compute the forward tensor ``output``
+        in place of the node that makes it now; :meth:`apply_forward_replacements` puts them there
+        once, after emission (until then every handler reads the original forward graph)."""
+        if output in self.forward_replacements:
+            raise ValueError(f"forward tensor {output!r} is already replaced")
+        self.forward_replacements[output] = nodes
+
+    def apply_forward_replacements(self) -> list[str]:
+        """Put every recorded replacement in place; returns the forward tensors now computed by
+        other nodes (sorted), for the explainer's metadata."""
+        self.replace_nodes(self.forward_replacements)
+        return sorted(self.forward_replacements)
 
     def replace_nodes(self, replacements: dict[str, list]) -> None:
         """Put ``replacements[t]`` where the node producing tensor ``t`` stands (that node goes).

@@ -18,12 +18,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lrponnx import __version__
+from lrponnx.version import __version__
 from lrponnx.compiler.builder import GraphBuilder, state_spatial_attributes
 from lrponnx.rules.composites import RuleOptions, assign_rules, parse_override
 from lrponnx.errors import InvalidModelError, Offender, RuleError, UnsupportedModelError, shorten
 from lrponnx.compiler.load import first_line, prepare, read_model, skeleton
 from lrponnx.ops import TARGET_RUNTIMES, Ctx, Unsupported, combine, load_handlers
+from lrponnx.ops.registry import UNKNOWN
 from lrponnx.compiler.units import Unit, build_units
 from lrponnx.compiler.view import ModelView
 from lrponnx import metadata as M
@@ -139,8 +140,18 @@ def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, 
          low=None, high=None, rules=(), lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6,
          lrn_denominator: str = "sum", lazy_weights: bool = False, output: str | None = None,
          input_shape=None) -> Plan:
-    """Prepare the model and assign rules, without emitting anything (``lrponnx inspect``).
-    ``lazy_weights``, ``output``, ``input_shape``: see :func:`convert`."""
+    """Prepare the model, assign rules and list what cannot be explained, without emitting the
+    explainer (``lrponnx inspect``). ``lazy_weights``, ``output``, ``input_shape``: see :func:`convert`."""
+    p = _plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules, lrn_rule=lrn_rule,
+              lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator, lazy_weights=lazy_weights, output=output,
+              input_shape=input_shape)
+    p.offenders = check_support(p.view, p.units, p.logits)
+    return p
+
+
+def _plan(model, composite: str, *, epsilon, gamma, low, high, rules, lrn_rule, lrn_epsilon, lrn_denominator,
+          lazy_weights, output, input_shape) -> Plan:
+    """:func:`plan` without the support check (``convert`` finds the offenders while emitting)."""
     model = prepare(model, lazy_weights, input_shape)
     view = ModelView(model)
     check_float32(view)
@@ -150,20 +161,63 @@ def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, 
     if opts.low is None and opts.high is None and opts.composite == "epsilon-gamma-box":
         opts.low, opts.high = _bounds_from_metadata(model)
     assign_rules(units, view.inputs, opts)
-    return Plan(model, view, units, logits, _dry_run_offenders(view, units, logits), explained)
+    return Plan(model, view, units, logits, [], explained)
 
 
-def _dry_run_offenders(view: ModelView, units: list[Unit], logits: str) -> list[Offender]:
-    """Every node on the relevance path that cannot be explained: those without a handler and
-    those whose handler refuses them (e.g. a Conv whose weight is computed at run time). The
-    handlers write into a scratch graph that is thrown away."""
-    scratch = onnx.GraphProto()
-    scratch.input.extend(view.graph.input)
-    g = GraphBuilder(scratch)
-    ctx = Ctx(g, view, {})
-    seed = g.fresh("dry_run_seed")
-    _, offenders = emit_relevance(ctx, units, logits, seed)
+def check_support(view: ModelView, units: list[Unit], logits: str, target_runtime: str = "any") -> list[Offender]:
+    """Every unit on the relevance path that cannot be explained, without emitting the explainer:
+    those without a handler, and those whose handler's ``supports`` check refuses them. It walks the
+    units as :func:`emit_relevance` does (from the logits back, only units relevance reaches). A
+    handler without a ``supports`` check (its refusals depend on what it reads while emitting) is
+    run on its unit alone, into a scratch graph that is thrown away."""
+    table = load_handlers()
+    from lrponnx.ops.attention import shape_only  # after load_handlers: it wraps their MatMul and Gather
+
+    scratch: Ctx | None = None
+    received, offenders = {logits}, []
+    for u in reversed(units):
+        internal = {i for m in u.nodes for i in m.input}
+        extra = [o for n in u.nodes for o in n.output if o and o != u.output and o in received and o not in internal]
+        if u.output not in received and not extra:
+            continue
+        h = table.get(u.kind)
+        why, handed = None, None
+        if extra and not (h is not None and h.multi_output):
+            why = _extra_outputs(extra)
+        elif shape_only(view, u.output):
+            handed = []  # made from the input's shape only: no relevance
+        elif h is None:
+            why = _why_unsupported(u)
+        else:
+            why = h.supports(Ctx(None, view, target_runtime=target_runtime), u) if h.supports else UNKNOWN
+        if why is UNKNOWN:  # only an emission can tell: this unit alone, into a scratch graph
+            if scratch is None:
+                graph = onnx.GraphProto()
+                graph.input.extend(view.graph.input)
+                scratch = Ctx(GraphBuilder(graph), view, target_runtime=target_runtime)
+            why, handed = _emit_alone(scratch, h, u, u.output in received, extra)
+        if why is not None:
+            offenders.append(Offender(u.name, u.op_type, why))
+            handed = [i for i in u.inputs if view.is_float(i)]
+        elif handed is None:
+            handed = [i for i in _receiving_inputs(view, u)
+                      if view.is_float(i) or view.elem_type(i) == TensorProto.UNDEFINED]
+        received.update(handed)
     return offenders
+
+
+def _emit_alone(ctx: Ctx, h, u: Unit, has_relevance: bool, extra: list[str]) -> tuple[str | None, list]:
+    """Run one handler on its unit with placeholder relevance: (its refusal or None, the inputs it hands to)."""
+    R = ctx.g.fresh("dry_run_R")
+    ctx.out_relevance = {o: R for o in extra} | {u.output: R if has_relevance else None} if h.multi_output else {}
+    try:
+        return None, list(h.fn(ctx, u, R if has_relevance else None))
+    except Unsupported as e:
+        return str(e), []
+
+
+def _extra_outputs(extra: list[str]) -> str:
+    return f"relevance arrives at output(s) {extra}; only the first output is explained"
 
 
 def _bounds_from_metadata(model: onnx.ModelProto):
@@ -265,26 +319,29 @@ def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-
         raise RuleError(f"seed must be one of {', '.join(SEEDS)}, got {seed!r}")
     if target_runtime not in TARGET_RUNTIMES:
         raise RuleError(f"target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {target_runtime!r}")
-    p = plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
-             lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator,
-             lazy_weights=lazy_weights, output=output, input_shape=input_shape)
-    if p.offenders:
-        raise UnsupportedModelError(p.offenders)
+    p = _plan(model, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, rules=rules,
+              lrn_rule=lrn_rule, lrn_epsilon=lrn_epsilon, lrn_denominator=lrn_denominator,
+              lazy_weights=lazy_weights, output=output, input_shape=input_shape)
     explainer = p.model  # prepare() made our own copy: extend it in place
     g = GraphBuilder(explainer.graph)
-    ctx = Ctx(g, p.view, {"exact_forward": exact_forward, "target_runtime": target_runtime})
-    R0 = _emit_seed(g, p.view, p.logits, seed)
+    ctx = Ctx(g, p.view, exact_forward=exact_forward, target_runtime=target_runtime)
+    # One emission: every unsupported node is collected on the way and reported together (before a
+    # problem with the explained output, as when the offenders came from a separate check)
+    seed_problem = _seed_problem(g, p.view, p.logits)
+    R0 = g.fresh("seed") if seed_problem else _emit_seed(g, p.view, p.logits, seed)
     exposed: list = [] if layer_relevance else None
     relevance, offenders = emit_relevance(ctx, p.units, p.logits, R0, exposed)
     if offenders:
         raise UnsupportedModelError(offenders)
+    if seed_problem:
+        raise seed_problem
     names = _emit_outputs(g, p.view, relevance)
-    g.replace_nodes(ctx.forward)  # after emission: the view reads the original forward nodes
+    recomputed = g.apply_forward_replacements()  # after emission: the view reads the original forward nodes
     for name, tensor, shape in exposed or []:  # after the model's outputs and `relevance`
         g.identity(tensor, name)
         g.output(name, TensorProto.FLOAT, shape)
     prune_dead(explainer.graph, g.prefix)  # after every output is in place (--layer-relevance reads more)
-    _write_metadata(explainer, p, composite, seed, names, sorted(ctx.forward))
+    _write_metadata(explainer, p, composite, seed, names, recomputed)
     explainer.metadata_props.append(onnx.StringStringEntryProto(key=M.TARGET_RUNTIME_KEY, value=target_runtime))
     state_spatial_attributes(explainer)  # the model's own Convs and pools too (WebGPU reads them)
     _check(explainer, model)
@@ -331,15 +388,21 @@ def _check(explainer: onnx.ModelProto, original) -> None:
         key=M.CHECK_KEY, value="structural only: the original model fails onnx's strict shape inference"))
 
 
-def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
+def _seed_problem(g: GraphBuilder, view: ModelView, logits: str) -> Exception | None:
+    """Why the relevance seed cannot be made for ``logits`` (the error to raise), or None."""
     shape = view.shape(logits)
     if shape is None or len(shape) < 2 or shape[1] is None or any(d != 1 for d in shape[2:]):
-        raise UnsupportedModelError([Offender(view.producer[logits].name if logits in view.producer else logits,
-                                              "output", f"the explained output must be [batch, classes] or "
-                                              f"[batch, classes, 1, ..., 1] with a static class count, got "
-                                              f"shape {shape}; choose another with --explain-output NAME")])
+        return UnsupportedModelError([Offender(view.producer[logits].name if logits in view.producer else logits,
+                                               "output", f"the explained output must be [batch, classes] or "
+                                               f"[batch, classes, 1, ..., 1] with a static class count, got "
+                                               f"shape {shape}; choose another with --explain-output NAME")])
     if TARGET_INPUT in {i.name for i in g.graph.input} | set(view.producer):
-        raise InvalidModelError(f"the model already has a tensor named {TARGET_INPUT!r}")
+        return InvalidModelError(f"the model already has a tensor named {TARGET_INPUT!r}")
+    return None
+
+
+def _emit_seed(g: GraphBuilder, view: ModelView, logits: str, seed: str) -> str:
+    shape = view.shape(logits)
     classes = shape[1]
     # an ordinary graph input (no initializer): every runtime lists it and takes the feed
     g.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [_batch_dim(view)]))
@@ -402,7 +465,7 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
         ctx.out_relevance = {o: total(o) for o in [u.output] + extra} if multi else {}
         try:
             if extra and not multi:
-                raise Unsupported(f"relevance arrives at output(s) {extra}; only the first output is explained")
+                raise Unsupported(_extra_outputs(extra))
             if shape_only(ctx.view, u.output):
                 handed = {}  # made from the input's shape only (a mask, position ids): no relevance
             elif h is None:

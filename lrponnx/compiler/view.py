@@ -37,6 +37,8 @@ class ModelView:
             self.types[v.name] = v.type
         self.dynamic = self._dynamic_tensors()
         self._values: dict[str, np.ndarray] = {}
+        #: ``ops.context.nonnegative``'s answers per tensor (the sign analysis walks shared producers)
+        self.nonneg: dict[str, bool] = {}
 
     def _dynamic_tensors(self) -> set[str]:
         dyn = set(self.inputs)

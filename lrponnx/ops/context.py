@@ -4,12 +4,10 @@ and the sign analysis :func:`nonnegative`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from lrponnx.compiler.builder import GraphBuilder
-from lrponnx.compiler.units import Unit
 from lrponnx.compiler.view import ModelView
 
 
@@ -46,7 +44,7 @@ def combine(g: GraphBuilder, parts: list, type_proto=None) -> str:
         f = tensors[0] if len(tensors) == 1 else g.op("Sum", *tensors, hint="r_factor_sum")
         dense.append(g.op("Mul", x, f, hint="r_times_x"))
         # remembered: a rule that divides this relevance by x again (eps = 0) takes f instead
-        g.__dict__.setdefault("factored", {})[dense[-1]] = (x, f)
+        g.factored[dense[-1]] = (x, f)
         if type_proto is not None:
             g.declare(f, type_proto)
     out = dense[0] if len(dense) == 1 else g.op("Sum", *dense, hint="r_sum")
@@ -90,18 +88,34 @@ def runtime_ones(g: GraphBuilder, x: str, channels: int | None = None) -> str:
 
 @dataclass
 class Ctx:
-    """What a handler may use: the graph builder, the read-only view, and small shared helpers.
+    """What a handler may use: the graph builder, the read-only view, the compile options and small
+    shared helpers.
 
-    ``options``: compile options (``exact_forward``, ``target_runtime``). ``forward``: forward nodes a handler
-    computes itself because it needs their parts anyway, ``{output tensor: replacement nodes}``;
-    the compiler puts them in place of the original node at the end (only LRN does this)."""
+    A handler that computes a forward node itself because it needs its parts anyway (only LRN does)
+    hands the replacement nodes to :meth:`replace_forward`; the compiler puts them in place of the
+    original node once, after emission."""
 
     g: GraphBuilder
     view: ModelView
-    options: dict
-    forward: dict = field(default_factory=dict)
+    #: keep every forward node as it is (``convert(exact_forward=True)``): no :meth:`replace_forward`
+    exact_forward: bool = False
+    #: one of :data:`TARGET_RUNTIMES`: the runtime the explainer's graph is written for
+    target_runtime: str = "any"
     #: for a ``multi_output`` handler: the relevance at each output of its unit (None: none arrives)
     out_relevance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.target_runtime not in TARGET_RUNTIMES:
+            raise ValueError(f"target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {self.target_runtime!r}")
+
+    @property
+    def webgpu(self) -> bool:
+        return self.target_runtime == "webgpu"
+
+    def replace_forward(self, output: str, nodes: list) -> None:
+        """``nodes`` (collected with ``g.detached()``) compute the forward tensor ``output`` in place of
+        its producer, from then on (see :meth:`GraphBuilder.replace_forward`)."""
+        self.g.replace_forward(output, nodes)
 
     # -- the stabilised divide shared by every rule ----------------------------------------------
     def stab_div(self, R: str, d: str, eps: float, hint: str = "q", nonnegative: bool = False) -> str:
@@ -122,7 +136,7 @@ class Ctx:
         # by a product with [d != 0]: the same numbers as two Wheres, ~2.7x faster in ONNX Runtime
         # (its Where with a broadcast scalar is slow: 1.7 of 6.2 s of the vit_b_16 explainer)
         zero_f = g.op("Cast", g.op("Equal", d, zero), to=1, hint=f"{hint}_is_zero")
-        factored = g.__dict__.get("factored", {}).get(R)
+        factored = g.factored.get(R)
         if factored is not None and factored[0] == d:
             # R = d * f (made by combine): R / d is f where d != 0, without the product and the divide
             # (the explainer drops the product when nothing else reads it; see compiler.prune_dead)
@@ -171,10 +185,10 @@ _NONNEG_KEEPERS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool
                    "WithinChannelLRN", "Add", "Sum", "Max", "Cast"}
 
 
-def nonnegative(view: ModelView, name: str, _memo: dict | None = None) -> bool:
+def nonnegative(view: ModelView, name: str) -> bool:
     """True when ``name`` is provably >= 0 (e.g. after a ReLU): then its x- terms vanish and
     the rules can skip them, which is most of the speed of z+ and gamma."""
-    memo = view.__dict__.setdefault("_nonneg", {})
+    memo = view.nonneg
     if name in memo:
         return memo[name]
     memo[name] = False  # guards against cycles

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrponnx.compiler.linear_layers import LazyWeight, LinearLayer
+from lrponnx.compiler.shapes import static_hint
 from lrponnx.compiler.units import Unit
 from lrponnx.ops.context import Ctx, Unsupported
-from lrponnx.ops.registry import handler
+from lrponnx.ops.registry import UNKNOWN, handler
 
 
 class LinearOps:
@@ -29,13 +30,9 @@ class LinearOps:
         self.ctx, self.g, self.unit = ctx, ctx.g, unit
         self.p: LinearLayer = unit.info if layer is None else layer
         self._weights: dict[str, str] = {}
-        p = self.p
-        if p.is_conv:
-            x_shape, z_shape = p.x_shape, p.z_shape
-            if x_shape is None or z_shape is None or any(d is None for d in x_shape[1:] + z_shape[1:]):
-                from lrponnx.compiler.shapes import static_hint
-
-                raise Unsupported("needs static channel and spatial sizes" + static_hint(ctx.view))
+        why = _conv_shape_problem(ctx, self.p)
+        if why is not None:
+            raise Unsupported(why)
 
     def weight(self, key: str, W: np.ndarray) -> str:
         """The initializer holding substitute weight ``W`` (stored once per key)."""
@@ -100,7 +97,29 @@ class Vjp:
         return first.p.emit_vjp_group(first.g, [t.q for t in terms], Ws, names)
 
 
-@handler("Linear", rules=())
+def _conv_shape_problem(ctx: Ctx, p: LinearLayer) -> str | None:
+    """A convolution's rules need its static channel and spatial sizes (None: they are known)."""
+    if p.is_conv and (p.x_shape is None or p.z_shape is None or any(d is None for d in p.x_shape[1:] + p.z_shape[1:])):
+        return "needs static channel and spatial sizes" + static_hint(ctx.view)
+    return None
+
+
+def _linear_supported(ctx: Ctx, unit: Unit):
+    """What the Linear handler refuses, without emitting: a convolution without static sizes. With
+    a static input past the batch dimension no rule refuses (LinearOps.sample_shape); otherwise it
+    depends on the rule's form, and only the emission tells."""
+    why = _conv_shape_problem(ctx, unit.info)
+    if why is not None:
+        return why
+    x_shape = unit.info.x_shape
+    return None if x_shape is not None and all(d is not None for d in x_shape[1:]) else UNKNOWN
+
+
+_NOT_CONSTANT = ("its weight or bias is computed at run time (or transA=1 / output_shape is set); "
+                 "LRP needs constant weights")
+
+
+@handler("Linear", rules=(), supports=_linear_supported)
 def linear_layer(ctx: Ctx, unit: Unit, R: str) -> dict:
     # The rule emits itself: lrponnx/rules/linear.py (its rules name "Linear" in ``applies_to``).
     ops = LinearOps(ctx, unit)
@@ -109,8 +128,7 @@ def linear_layer(ctx: Ctx, unit: Unit, R: str) -> dict:
 
 
 # MatMul and Gemm that are no linear layer have their own handlers (ops/matmul.py).
-@handler("Conv", "ConvTranspose", rules=("epsilon",))
+@handler("Conv", "ConvTranspose", rules=("epsilon",), supports=lambda ctx, unit: _NOT_CONSTANT)
 def linear_not_constant(ctx: Ctx, unit: Unit, R: str) -> dict:
     # Reached only when units.py could not read constant weights.
-    raise Unsupported("its weight or bias is computed at run time (or transA=1 / output_shape is set); "
-                      "LRP needs constant weights")
+    raise Unsupported(_NOT_CONSTANT)

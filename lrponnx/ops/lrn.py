@@ -38,7 +38,7 @@ import numpy as np
 from lrponnx.compiler.lrn_ops import LRPONNX_DOMAIN, WITHIN_CHANNEL_LRN, LrnSpec
 from lrponnx.compiler.units import Unit
 from lrponnx.ops.context import Ctx
-from lrponnx.ops.registry import handler
+from lrponnx.ops.registry import always, handler
 
 
 def _window_mean(ctx: Ctx, t: str, spec: LrnSpec, rank: int, mirrored: bool, channels: int | None) -> str:
@@ -50,7 +50,7 @@ def _window_mean(ctx: Ctx, t: str, spec: LrnSpec, rank: int, mirrored: bool, cha
         spatial = rank - 2
         return g.op("AveragePool", t, kernel_shape=[spec.size] * spatial, strides=[1] * spatial,
                     pads=[lo] * spatial + [hi] * spatial, count_include_pad=1, hint="lrn_window")
-    webgpu = ctx.options.get("target_runtime", "any") == "webgpu"
+    webgpu = ctx.webgpu
     if webgpu and channels is not None:
         return _banded_mean(ctx, t, channels, spec.size, lo, hi, rank)
     # Across channels: pool x viewed as [N, 1, C, *spatial] with a [size, 1, ...] kernel, i.e. along
@@ -121,7 +121,7 @@ def _scale(ctx: Ctx, x: str, spec: LrnSpec, rank: int, channels: int | None) -> 
 
 def _replaces_forward(ctx: Ctx, unit: Unit) -> bool:
     """The unit is one ONNX LRN or WithinChannelLRN node (a decomposed chain is plain ops already)."""
-    if ctx.options.get("exact_forward") or len(unit.nodes) != 1:
+    if ctx.exact_forward or len(unit.nodes) != 1:
         return False
     node = unit.nodes[0]
     return (node.domain in ("", "ai.onnx") and node.op_type == "LRN") or \
@@ -140,7 +140,7 @@ def _denominator_nonnegative(ctx: Ctx, x: str, spec: LrnSpec, denominator: str) 
     return denominator == "output" or spec.beta <= 1.0
 
 
-@handler("LRN", rules=("taylor", "identity"))
+@handler("LRN", rules=("taylor", "identity"), supports=always)  # every LRN is explained
 def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
     x, y = unit.inputs[0], unit.output
     spec: LrnSpec = unit.info
@@ -154,7 +154,7 @@ def lrn(ctx: Ctx, unit: Unit, R: str) -> dict:
         with g.detached() as nodes:
             x2, s = _scale(ctx, x, spec, rank, channels)
             g.op("Div", x, _pow(ctx, s, spec.beta), output=y)
-        ctx.forward[y] = nodes
+        ctx.replace_forward(y, nodes)
     elif unit.rule.name == "taylor":
         x2, s = _scale(ctx, x, spec, rank, channels)
     if unit.rule.name == "identity":

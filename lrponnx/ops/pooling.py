@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from lrponnx.compiler.constants import run_op
+from lrponnx.compiler import geometry
+from lrponnx.compiler.shapes import static_hint
 from lrponnx.compiler.units import Unit
-from lrponnx.ops.context import SIZED_CONST_LIMIT, Ctx, Unsupported, runtime_ones, sized_const_ok
+from lrponnx.ops.context import Ctx, Unsupported, runtime_ones, sized_const_ok
 from lrponnx.ops.registry import handler
 
 
@@ -19,69 +20,32 @@ def _static(shape, first_axis: int) -> bool:
 def _window(ctx: Ctx, unit: Unit) -> dict:
     """Kernel, strides, dilations and the explicit pads of a pooling node, with ceil_mode's
     overhang turned into extra end padding so an ordinary (floor) conv sees the same windows."""
-    x = unit.inputs[0]
-    xs = ctx.view.shape(x)
-    if not _static(xs, 1):
-        from lrponnx.compiler.shapes import static_hint
+    why = _window_problem(ctx, unit)
+    if why is not None:
+        raise Unsupported(why)
+    geo = _geometry(ctx, unit)
+    xs = ctx.view.shape(unit.inputs[0])
+    return dict(kernel=list(geo.kernel), strides=list(geo.strides), dilations=list(geo.dilations),
+                pads=geo.floor_pads(), output_padding=geo.transpose_output_padding(), C=xs[1], x_shape=xs,
+                y_shape=list(xs[:2]) + list(geo.out), geometry=geo)
 
-        raise Unsupported("needs static channel and spatial sizes" + static_hint(ctx.view))
-    a = unit.info
-    n = len(xs) - 2
-    if unit.op_type.startswith("Global"):
-        k, s, d, pads = list(xs[2:]), [1] * n, [1] * n, [0] * (2 * n)
-        ys = list(xs[:2]) + [1] * n
-    else:
-        auto_pad = a.get("auto_pad", b"NOTSET")
+
+def _geometry(ctx: Ctx, unit: Unit) -> geometry.PoolGeometry:
+    """The node's windows over its (static) input, in numpy (compiler/geometry.py: ONNX Runtime's
+    output sizes, which onnx's shape inference before opset 22 gets wrong for ceil_mode)."""
+    xs = ctx.view.shape(unit.inputs[0])
+    return geometry.pool_geometry(xs[2:], unit.info, global_pool=unit.op_type.startswith("Global"))
+
+
+def _window_problem(ctx: Ctx, unit: Unit) -> str | None:
+    """Why :func:`_window` cannot describe the node's windows (None: it can)."""
+    if not _static(ctx.view.shape(unit.inputs[0]), 1):
+        return "needs static channel and spatial sizes" + static_hint(ctx.view)
+    if not unit.op_type.startswith("Global"):
+        auto_pad = unit.info.get("auto_pad", b"NOTSET")
         if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
-            raise Unsupported("auto_pad SAME_* pooling is not supported; export with explicit pads")
-        k = list(a["kernel_shape"])
-        s = list(a.get("strides", [1] * n))
-        d = list(a.get("dilations", [1] * n))
-        pads = list(a.get("pads", [0] * (2 * n)))
-        # The output size as the runtime computes it: onnx shape inference before opset 22 gets
-        # ceil_mode wrong (it keeps a last window that starts in the end padding; ORT drops it).
-        attrs = {k_: v for k_, v in a.items() if k_ != "storage_order"}
-        ys = list(xs[:2]) + [_out_size(unit.op_type, attrs, i, n, xs[2 + i], _opset(ctx)) for i in range(n)]
-    for i in range(n):
-        need = (ys[2 + i] - 1) * s[i] + (k[i] - 1) * d[i] + 1
-        have = xs[2 + i] + pads[i] + pads[n + i]
-        if need > have:
-            pads[n + i] += need - have
-    out_pad = []
-    for i in range(n):
-        base = s[i] * (ys[2 + i] - 1) + (k[i] - 1) * d[i] + 1 - pads[i] - pads[n + i]
-        out_pad.append(xs[2 + i] - base)
-    return dict(kernel=k, strides=s, dilations=d, pads=pads, output_padding=out_pad, C=xs[1], x_shape=xs,
-                y_shape=ys)
-
-
-def _out_size(op_type: str, attrs: dict, i: int, n: int, size: int, opset: int) -> int:
-    """Output size of pooling axis ``i`` as ONNX Runtime computes it (each axis on its own: one
-    1-D run of the op, never a run over the whole declared input)."""
-    one = {}
-    for key, v in attrs.items():
-        if key in ("kernel_shape", "strides", "dilations"):
-            one[key] = [v[i]]
-        elif key == "pads":
-            one[key] = [v[i], v[n + i]]
-        else:
-            one[key] = v
-    if size <= SIZED_CONST_LIMIT:
-        return int(run_op(op_type, [np.ones([1, 1, size], np.float32)], opset=opset, **one).shape[2])
-    # ONNX Runtime's formula (PoolAttributes::ComputeOutputSize), for axes too long to run
-    k, s = one["kernel_shape"][0], one.get("strides", [1])[0]
-    d = one.get("dilations", [1])[0]
-    head, tail = one.get("pads", [0, 0])
-    span = size + head + tail - d * (k - 1) - 1
-    if not one.get("ceil_mode", 0):
-        return span // s + 1
-    out = -(-span // s) + 1
-    return out - 1 if (out - 1) * s >= size + head else out
-
-
-def _opset(ctx: Ctx) -> int:
-    """The model's default-domain opset (pooling attributes differ between versions)."""
-    return max([o.version for o in ctx.view.model.opset_import if o.domain in ("", "ai.onnx")] or [17])
+            return "auto_pad SAME_* pooling is not supported; export with explicit pads"
+    return None
 
 
 def _conv_geometry(w: dict, group: int) -> dict:
@@ -102,7 +66,27 @@ def _window_sum(ctx: Ctx, w: dict, x: str) -> str:
     return ctx.g.op("Conv", x, ctx.g.const(ones, hint="pool_ones"), hint="pool_sum", **_conv_geometry(w, w["C"]))
 
 
-@handler("AveragePool", "GlobalAveragePool", rules=("norm", "pass"))
+def _average_pool_supported(ctx: Ctx, unit: Unit) -> str | None:
+    """What :func:`average_pool` refuses, decided without emitting."""
+    if unit.rule.name == "pass":
+        return "pass is not a valid rule for pooling (shapes differ)"
+    return _window_problem(ctx, unit)
+
+
+def _max_pool_supported(ctx: Ctx, unit: Unit) -> str | None:
+    """What :func:`max_pool` refuses, decided without emitting."""
+    xs = ctx.view.shape(unit.inputs[0])
+    if unit.rule.name == "proportional" or (ctx.webgpu and unit.op_type == "MaxPool"):
+        return _window_problem(ctx, unit)
+    if unit.op_type == "GlobalMaxPool":
+        if ctx.webgpu and not _static(xs, 1):
+            return "winner-take-all without Indices needs static channel and spatial sizes"
+        if not ctx.webgpu and not _static(xs, 2):
+            return "needs static spatial sizes"
+    return None
+
+
+@handler("AveragePool", "GlobalAveragePool", rules=("norm", "pass"), supports=_average_pool_supported)
 def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     x, y = unit.inputs[0], unit.output
     if unit.rule.name == "pass":
@@ -118,14 +102,10 @@ def average_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     if not sized_const_ok(w["x_shape"][2:]):
         return {x: _average_pool_runtime(ctx, unit, w, R, eps)}
     # P x = window_sum(x) / divisor. The divisor per output position follows the op's own
-    # padding / count_include_pad / ceil semantics: measure it on a ones image.
-    ones = np.ones([1, 1] + w["x_shape"][2:], np.float32)
-    counted = run_op("Conv", [ones, np.ones([1, 1] + w["kernel"], np.float32)], strides=w["strides"],
-                     pads=w["pads"], dilations=w["dilations"])
-    averaged = run_op("AveragePool", [ones], opset=_opset(ctx), **dict(unit.info.items()))
-    divisor = counted / averaged
+    # padding / count_include_pad / ceil semantics (compiler/geometry.py, checked against ORT).
+    divisor = w["geometry"].average_divisor(bool(unit.info.get("count_include_pad", 0)))
     q = ctx.stab_div(R, y, eps, nonnegative=ctx.nonnegative(x))  # an average of x >= 0 is >= 0
-    q = ctx.g.op("Mul", q, ctx.g.const(1.0 / divisor.reshape([1, 1] + list(divisor.shape[2:])), hint="pool_inv_div"))
+    q = ctx.g.op("Mul", q, ctx.g.const(1.0 / divisor.reshape([1, 1] + list(divisor.shape)), hint="pool_inv_div"))
     return {x: ctx.g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")}
 
 
@@ -143,7 +123,7 @@ def _average_pool_runtime(ctx: Ctx, unit: Unit, w: dict, R: str, eps: float) -> 
     return g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_avgpool")
 
 
-@handler("MaxPool", "GlobalMaxPool", rules=("winner-take-all", "proportional"))
+@handler("MaxPool", "GlobalMaxPool", rules=("winner-take-all", "proportional"), supports=_max_pool_supported)
 def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
     x = unit.inputs[0]
     g = ctx.g
@@ -154,7 +134,7 @@ def max_pool(ctx: Ctx, unit: Unit, R: str) -> dict:
         return {x: g.op("Mul", x, _window_sum_T(ctx, w, q), hint="r_maxpool")}
     # Winner-take-all = the gradient of max pooling: each output's relevance goes to the
     # input position its max came from; overlapping windows add up (ScatterElements 'add').
-    if ctx.options.get("target_runtime", "any") == "webgpu":
+    if ctx.webgpu:
         return {x: _wta_without_indices(ctx, unit, R)}
     if unit.op_type == "GlobalMaxPool":
         xs = ctx.view.shape(x)
