@@ -33,7 +33,7 @@ _INTERNAL = "lrponnx.converters.caffe."
 def warn(msg: str) -> None:
     """A :class:`CaffeConversionWarning` reported at the converter's caller (the first frame
     outside the converter's modules; the CLI counts as a caller)."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn's caller
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL) \
             and frame.f_globals.get("__name__") != _INTERNAL + "cli":
         level += 1
