@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from lrponnx.compiler import geometry
+from lrponnx.compiler.view import attrs_of
 
 #: ``weight(key, W) -> initializer name``: stores a substitute weight once per layer and key
 #: (key "w" with ``W`` the layer's own weight may answer with the model's initializer).
@@ -44,6 +45,13 @@ class LinearLayer:
         self._W = None if W is None else np.asarray(W, dtype=np.float32)
         if W is not None:
             self.source = None
+
+    @classmethod
+    def from_node(cls, view, node) -> "LinearLayer | None":
+        """The layer of a node of this op with constant weights (read from ``view``, a ModelView);
+        None where it computes its weight at run time or uses a form not read here (the node then
+        becomes a plain unit, whose handler says why)."""
+        raise NotImplementedError
 
     # -- the weight ------------------------------------------------------------------------------
     @property
@@ -146,6 +154,28 @@ class GemmLayer(LinearLayer):
     op_type = "Gemm"
     kind = "gemm"
 
+    @classmethod
+    def from_node(cls, view, node):
+        x, w, c = (list(node.input) + [""] * 3)[:3]
+        a = attrs_of(node)
+        if not view.is_const(w) or (c and not view.is_const(c)) or a.get("transA", 0):
+            return None
+        transposed = not a.get("transB", 0)  # W is kept as [out, in]
+        layer = cls(None, view.shape(x), view=view, source=w, source_transposed=transposed)
+        alpha = float(a.get("alpha", 1.0))
+        if alpha != 1.0:
+            layer.W = layer.W.astype(np.float64) * alpha
+        M = layer.weight_shape[0]
+        b = np.zeros(M)
+        if c:
+            cv = view.value(c).astype(np.float64) * float(a.get("beta", 1.0))
+            # C broadcasts against [N, M]: a scalar, [M], [1, M] or [1, 1] is a bias; [N, M] is not
+            if cv.ndim > 2 or (cv.ndim == 2 and cv.shape[0] != 1) or cv.size not in (1, M):
+                return None
+            b = b + np.broadcast_to(cv.reshape(-1), (M,))
+        layer.b = b
+        return layer
+
     def emit_forward(self, g, x, w, b, name, key):
         bias = [g.const(b, hint=f"{name}/b_{key}")] if b is not None else []
         return g.op("Gemm", x, w, *bias, transB=1, hint=f"{name}/z_{key}")
@@ -171,6 +201,16 @@ class MatMulLayer(LinearLayer):
     op_type = "MatMul"
     kind = "matmul"
     folds_batchnorm = False  # BatchNorm's channel axis 1 is not MatMul's output axis in general
+
+    @classmethod
+    def from_node(cls, view, node):
+        x, w = (list(node.input) + [""] * 2)[:2]
+        if not view.is_const(w) or x not in view.dynamic:
+            return None
+        shape = view.shape(w)
+        if shape is None or len(shape) != 2:
+            return None
+        return cls(np.zeros(shape[1]), view.shape(x), view=view, source=w)
 
     def emit_forward(self, g, x, w, b, name, key):
         z = g.op("MatMul", x, w, hint=f"{name}/z_{key}")
@@ -202,6 +242,46 @@ class ConvLayer(LinearLayer):
     def __init__(self, b, x_shape, *, strides, pads, dilations, group: int, **kw):
         super().__init__(b, x_shape, **kw)
         self.strides, self.pads, self.dilations, self.group = list(strides), list(pads), list(dilations), int(group)
+
+    @classmethod
+    def from_node(cls, view, node):
+        x, w, c = (list(node.input) + [""] * 3)[:3]
+        a = attrs_of(node)
+        if not view.is_const(w) or (c and not view.is_const(c)):
+            return None
+        w_shape = view.shape(w)
+        if w_shape is None or len(w_shape) < 3:
+            return None
+        extra = cls._node_attributes(a, len(w_shape) - 2)
+        if extra is None:
+            return None
+        group = int(a.get("group", 1))
+        M = cls._out_channels(w_shape, group)
+        b = view.value(c).astype(np.float64).reshape(M) if c else np.zeros(M)
+        x_shape = view.shape(x)
+        spatial = len(w_shape) - 2
+        geo = dict(strides=list(a.get("strides", [1] * spatial)), dilations=list(a.get("dilations", [1] * spatial)),
+                   group=group, pads=list(a.get("pads", [0] * (2 * spatial))))
+        auto_pad = a.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad not in ("NOTSET", "VALID"):
+            if not cls.reads_same_pads or x_shape is None or any(d is None for d in x_shape[2:]):
+                return None
+            geo["pads"] = geometry.same_pads(x_shape[2:], list(w_shape[2:]), geo["strides"], geo["dilations"],
+                                             upper=auto_pad == "SAME_UPPER")
+        return cls(b, x_shape, view=view, source=w, **geo, **extra)
+
+    #: auto_pad SAME_UPPER/LOWER is turned into explicit pads (from a static input size)
+    reads_same_pads = True
+
+    @staticmethod
+    def _out_channels(w_shape, group: int) -> int:
+        return w_shape[0]
+
+    @staticmethod
+    def _node_attributes(a: dict, spatial: int) -> dict | None:
+        """Attributes of this op beyond the shared geometry (None: a form not read here)."""
+        return {}
 
     @property
     def kernel(self) -> list[int]:
@@ -311,6 +391,18 @@ class ConvTransposeLayer(ConvLayer):
         super().__init__(b, x_shape, **kw)
         self.output_padding = list(output_padding)
 
+    reads_same_pads = False  # rare for ConvTranspose; the plain unit reports it
+
+    @staticmethod
+    def _out_channels(w_shape, group: int) -> int:
+        return w_shape[1] * group
+
+    @staticmethod
+    def _node_attributes(a: dict, spatial: int) -> dict | None:
+        if "output_shape" in a:
+            return None  # rare; the plain unit reports it as unsupported
+        return {"output_padding": list(a.get("output_padding", [0] * spatial))}
+
     def scale_output_channels(self, s):
         W = self.W.astype(np.float64)
         g = self.group
@@ -339,6 +431,7 @@ class ConvTransposeLayer(ConvLayer):
         return None
 
 
+#: op type -> layer class: a new linear op is one class here (units.py reads this table)
 LAYERS = {cls.op_type: cls for cls in (ConvLayer, ConvTransposeLayer, GemmLayer, MatMulLayer)}
 
 

@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lrponnx.compiler import geometry, lrn_ops
-from lrponnx.compiler.linear_layers import (ConvLayer, ConvTransposeLayer, GemmLayer, LinearLayer,
-                                            MatMulLayer)
+from lrponnx.compiler import lrn_ops
+from lrponnx.compiler.linear_layers import LAYERS, LinearLayer
 from lrponnx.compiler.view import ModelView, attrs_of
 
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LINEAR_OPS = tuple(LAYERS)  # Conv, ConvTranspose, Gemm, MatMul
 
 
 @dataclass
@@ -136,63 +135,7 @@ def _linear_unit(view: ModelView, node: onnx.NodeProto) -> Unit | None:
 def _linear_layer(view: ModelView, node: onnx.NodeProto) -> LinearLayer | None:
     """The layer object of a Conv/ConvTranspose/Gemm/MatMul node with constant weights (None: the
     weight is computed at run time, or a form we do not read: the plain unit reports it)."""
-    ins = list(node.input) + [""] * 3
-    a = attrs_of(node)
-    if node.op_type == "MatMul":
-        x, w = ins[0], ins[1]
-        if not view.is_const(w) or x not in view.dynamic:
-            return None
-        shape = view.shape(w)
-        if shape is None or len(shape) != 2:
-            return None
-        return MatMulLayer(np.zeros(shape[1]), view.shape(x), view=view, source=w)
-    if node.op_type == "Gemm":
-        x, w, c = ins[0], ins[1], ins[2]
-        if not view.is_const(w) or (c and not view.is_const(c)) or a.get("transA", 0):
-            return None
-        transposed = not a.get("transB", 0)  # W is kept as [out, in]
-        layer = GemmLayer(None, view.shape(x), view=view, source=w, source_transposed=transposed)
-        alpha = float(a.get("alpha", 1.0))
-        if alpha != 1.0:
-            layer.W = layer.W.astype(np.float64) * alpha
-        M = layer.weight_shape[0]
-        b = np.zeros(M)
-        if c:
-            cv = view.value(c).astype(np.float64) * float(a.get("beta", 1.0))
-            # C broadcasts against [N, M]: a scalar, [M], [1, M] or [1, 1] is a bias; [N, M] is not
-            if cv.ndim > 2 or (cv.ndim == 2 and cv.shape[0] != 1) or cv.size not in (1, M):
-                return None
-            b = b + np.broadcast_to(cv.reshape(-1), (M,))
-        layer.b = b
-        return layer
-    # Conv / ConvTranspose
-    x, w, c = ins[0], ins[1], ins[2]
-    if not view.is_const(w) or (c and not view.is_const(c)):
-        return None
-    w_shape = view.shape(w)
-    if w_shape is None or len(w_shape) < 3:
-        return None
-    transpose = node.op_type == "ConvTranspose"
-    group = int(a.get("group", 1))
-    M = w_shape[1] * group if transpose else w_shape[0]
-    b = view.value(c).astype(np.float64).reshape(M) if c else np.zeros(M)
-    x_shape = view.shape(x)
-    spatial = len(w_shape) - 2
-    geo = dict(strides=list(a.get("strides", [1] * spatial)), dilations=list(a.get("dilations", [1] * spatial)),
-               group=group, pads=list(a.get("pads", [0] * (2 * spatial))))
-    if transpose and "output_shape" in a:
-        return None  # rare; the plain unit reports it as unsupported
-    auto_pad = a.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        if transpose or x_shape is None or any(d is None for d in x_shape[2:]):
-            return None
-        geo["pads"] = geometry.same_pads(x_shape[2:], list(w_shape[2:]), geo["strides"], geo["dilations"],
-                                         upper=auto_pad == "SAME_UPPER")
-    if transpose:
-        return ConvTransposeLayer(b, x_shape, output_padding=list(a.get("output_padding", [0] * spatial)),
-                                  view=view, source=w, **geo)
-    return ConvLayer(b, x_shape, view=view, source=w, **geo)
+    return LAYERS[node.op_type].from_node(view, node)
 
 
 def _absorb_bias(view: ModelView, layer: LinearLayer, add: onnx.NodeProto, z: str) -> bool:
