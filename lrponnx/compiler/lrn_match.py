@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lrponnx.compiler.lrn_ops import LrnSpec
-from lrponnx.compiler.units import Unit
+from lrponnx.compiler.unit import Unit
 from lrponnx.compiler.view import ModelView, attrs_of
 
 log = logging.getLogger(__name__)

@@ -13,38 +13,19 @@ read a piece of it:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import onnx
 
-from lrponnx.compiler import lrn_ops
+from lrponnx.compiler import layernorm_match, lrn_match, lrn_ops
 from lrponnx.compiler.linear_layers import LAYERS, LinearLayer
+from lrponnx.compiler.unit import Unit  # noqa: F401  (re-exported: handlers import it from here)
 from lrponnx.compiler.view import ModelView, attrs_of
 
 LINEAR_OPS = tuple(LAYERS)  # Conv, ConvTranspose, Gemm, MatMul
 
 
-@dataclass
-class Unit:
-    kind: str                 # key into the relevance handler table
-    name: str                 # node name used in rules, errors and metadata
-    op_type: str              # what users see ("Conv", "LRN", ...)
-    nodes: list[onnx.NodeProto]
-    inputs: list[str]         # data inputs (tensors that depend on a model input)
-    output: str
-    info: Any = None          # a LinearLayer, LrnSpec or the node's attributes
-    rule: Any = None          # set by composites.assign_rules
-    first: bool = False       # a first linear layer (reached from an input without another linear layer)
-    index: int = 0            # position of its first node in the graph
-    positions: list[int] = field(default_factory=list)  # positions of all its nodes, for "#N" overrides
-    notes: list[str] = field(default_factory=list)
-
-
 def build_units(view: ModelView) -> list[Unit]:
     """All units of the graph, in topological order."""
-    from lrponnx.compiler import lrn_match  # decomposed LRN chains (import here: lrn_match uses Unit)
 
     claimed: dict[str, Unit] = {}  # node name -> unit that owns it
     units: list[Unit] = []
@@ -54,9 +35,7 @@ def build_units(view: ModelView) -> list[Unit]:
         for n in unit.nodes:
             claimed[n.name] = unit
 
-    from lrponnx.ops.layernorm import find_decomposed_layernorm  # ReduceMean/Sub/Pow/.../Div chains
-
-    for unit in find_decomposed_layernorm(view):
+    for unit in layernorm_match.find_decomposed_layernorm(view):  # ReduceMean/Sub/Pow/.../Div chains
         if any(n.name in claimed for n in unit.nodes):
             continue
         units.append(unit)
