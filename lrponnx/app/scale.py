@@ -104,7 +104,7 @@ def _model_bytes(explainer) -> bytes:
 def _engine(spec: _Spec):
     import onnx
 
-    from lrponnx.app.explain import ChunkEngine
+    from lrponnx.app.explain_chunks import ChunkEngine
     from lrponnx.app.runtime import Explainer
 
     explainer = Explainer(onnx.load_from_string(spec.model), providers=["CPUExecutionProvider"],
@@ -157,7 +157,7 @@ def run_chunks(chunks: Iterable, explainer, preprocessing, *, address: str | Non
                target: int | None = None, cmap: str = "coldnhot", actors: int | None = None,
                cpus_per_actor: int = 1, save_raw: bool = True, arrays_below: int | None = None) -> Iterator[list]:
     """Explain ``chunks`` (lists of (position, InputRef)) on Ray; yield each chunk's list of
-    :class:`~lrponnx.app.explain.ItemResult` as it comes back (in any order). Past position
+    :class:`~lrponnx.app.explain_chunks.ItemResult` as it comes back (in any order). Past position
     ``arrays_below`` the results carry no display image, and no relevance unless ``save_raw``.
 
     The actors read the inputs themselves: on a cluster the input paths must be readable on every
