@@ -17,9 +17,8 @@ from lrponnx.app.preprocess import (
     InputError,
     Preprocessing,
     PreprocessingError,
-    expand_inputs,
-    iter_inputs,
 )
+from lrponnx.app.inputs import expand_inputs, iter_inputs
 
 CAFFE = Preprocessing(input="data", channel_order="bgr", pixel_scale=255.0, mean=[104.0, 117.0, 123.0],
                       size=(6, 5))
@@ -307,3 +306,14 @@ def test_sample_images():
     # a sample goes through preprocessing and back unchanged
     p = Preprocessing.from_flags(preset="caffe", size=32)
     assert np.array_equal(p.to_display(p.apply(samples[0][1])), samples[0][1])
+
+
+def test_input_readers_are_still_found_in_preprocess():
+    """They moved to lrponnx.app.inputs; code importing them from lrponnx.app.preprocess keeps working."""
+    import lrponnx.app.inputs as inputs
+    import lrponnx.app.preprocess as preprocess
+
+    for name in inputs.__all__:
+        assert getattr(preprocess, name) is getattr(inputs, name)
+    with pytest.raises(AttributeError):
+        preprocess.no_such_name  # noqa: B018

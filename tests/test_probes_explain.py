@@ -176,7 +176,7 @@ def test_explain_probe(case, explainer, tmp_path, capsys):
 
 def test_cmap_is_checked_before_reading_any_input(explainer, tmp_path, capsys, monkeypatch):
     """--cmap bogus must not wait for the inputs to be read and explained (it used to fail at the end)."""
-    import lrponnx.app.preprocess as pre
+    import lrponnx.app.inputs as pre
 
     _images(tmp_path / "in", 3)
     calls = []

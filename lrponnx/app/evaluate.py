@@ -61,7 +61,7 @@ def _expand(paths) -> list:
 def load_tensors(paths, pre, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     """All inputs as one ``[N,C,H,W]`` array. ``limit`` keeps N inputs evenly spread over the list (a
     class-sorted folder keeps every class), choosing among the files before any image is decoded."""
-    from lrponnx.app.preprocess import expand_inputs, iter_inputs
+    from lrponnx.app.inputs import expand_inputs, iter_inputs
 
     files = expand_inputs(_expand(paths))
     pick_late = limit is not None and any(f.suffix.lower() == ".npy" for f in files)  # several inputs per file

@@ -145,7 +145,7 @@ def _identity(model_bytes_sha: str, options: dict, pre, args) -> dict:
 def run_explain(args) -> int:
     from lrponnx.app.rule_options import rule_kwargs
     from lrponnx.compiler.load import read_model
-    from lrponnx.app.preprocess import list_inputs
+    from lrponnx.app.inputs import list_inputs
     from lrponnx.app.runtime import Explainer, is_explainer
 
     _check_flags(args)

@@ -80,8 +80,9 @@ class ChunkEngine:
             raise InputError(f"{what} has shape {list(t.shape)}; the model expects {shown}")
 
     def run(self, entries) -> list[ItemResult]:
-        """``entries``: (position, :class:`~lrponnx.app.preprocess.InputRef`) pairs. Reads each input."""
-        from lrponnx.app.preprocess import InputError, load_ref
+        """``entries``: (position, :class:`~lrponnx.app.inputs.InputRef`) pairs. Reads each input."""
+        from lrponnx.app.inputs import load_ref
+        from lrponnx.app.preprocess import InputError
 
         loaded = []
         for pos, ref in entries:

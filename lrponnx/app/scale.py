@@ -196,7 +196,7 @@ class _RowActor:
         self.engine = _engine(_unbox(spec_box))
 
     def _load(self, batch: dict, i: int):
-        from lrponnx.app.preprocess import InputItem, InputRef, check_tensor, load_ref
+        from lrponnx.app.inputs import InputItem, InputRef, check_tensor, load_ref
 
         pre = self.engine.pre
         path = str(batch["path"][i]) if "path" in batch else f"row {i}"
@@ -218,7 +218,7 @@ class _RowActor:
         return load_ref(InputRef(name=name, source=Path(path)), pre)
 
     def __call__(self, batch: dict) -> dict:
-        from lrponnx.app.preprocess import InputRef
+        from lrponnx.app.inputs import InputRef
 
         if not {"image", "tensor", "path"} & set(batch):
             raise LrpOnnxError(f"the dataset needs an 'image', 'tensor' or 'path' column; it has {sorted(batch)}")
