@@ -135,7 +135,7 @@ def write_markdown(res: dict, out: Path) -> None:
             ratios = ", ".join(f"{r['composite']} {r['explainer']['median_s'] / fp['median_s']:.2f}" for r in rows)
             add(f"| {CASES.get(model, model)} | {batch} | {_ms(rows[0]['forward'])} | {_ms(fp)} | {ratios} |")
         add("")
-    add("Where a target is missed, `docs/decisions.md` (section *Speed*) says what the explainer's time goes "
+    add("Where a target is missed, `bench/DIARY.md` (the benchmark diary) says what the explainer's time goes "
         "to, what each change bought and which alternatives were measured and dropped; `docs/maxpool-wta.md` "
         "times the max-pool kernels behind GoogLeNet's miss (`bench/wta_kernels.py`). The forward pass is "
         "timed in its own process, so its run-to-run spread (a few percent on this VM) moves the ratio too.")
@@ -246,6 +246,7 @@ def write_markdown(res: dict, out: Path) -> None:
         "`python bench/profile_explainer.py M.onnx E.onnx --batch 8`; `python bench/parity.py M.onnx --composite "
         "epsilon-gamma-box`; `python bench/onnx_to_torch.py M.onnx` (torch vs ORT forward).")
     add("- GPU: `bash bench/gpu/run_gpu.sh` on a CUDA machine (see the script's header).")
+    add("- What was tried and measured on the way to these numbers, kept or dropped: `bench/DIARY.md`.")
     add("")
     old = out.read_text() if out.exists() else ""
     if KEEP in old:  # sections other benchmarks write (bench/attnlrp.py) stay as they are
