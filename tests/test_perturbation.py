@@ -309,3 +309,20 @@ def test_cli_evaluate_explain_output(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "ex.onnx"), str(tmp_path / "x.npy"), "--steps", "2", "--no-progress",
                  "--explain-output", "prob", "-o", str(tmp_path / "ev2")]) == 2
     assert "explains 'box'" in capsys.readouterr().err
+
+
+def test_provider_choice(tmp_path, capsys, monkeypatch):
+    """--provider cuda without a CUDA provider is one line, exit 2, before any work."""
+    from lrponnx.app import runtime
+    from lrponnx.app.cli import main
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert runtime.providers_for(None) is None and runtime.providers_for("cpu") == ["CPUExecutionProvider"]
+    _linear_model(tmp_path / "lin.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((2, C, H, W), np.float32))
+    assert main(["evaluate", str(tmp_path / "lin.onnx"), str(tmp_path / "x.npy"), "--provider", "cuda",
+                 "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no CUDA provider" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runtime.providers_for("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]

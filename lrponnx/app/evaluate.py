@@ -91,11 +91,10 @@ def _spread(n: int, k: int) -> list[int]:
 
 def run(args) -> int:
     from lrponnx.app.rule_options import rule_kwargs
-    from lrponnx.app.explain import _providers
     from lrponnx.compiler.load import read_model
     from lrponnx.app.perturbation import evaluate, lrn_methods, plot_curves, save_json
     from lrponnx.app.preprocess import Preprocessing
-    from lrponnx.app.runtime import is_explainer
+    from lrponnx.app.runtime import is_explainer, providers_for
 
     if args.limit is not None and args.limit < 1:
         raise LrpOnnxError("--limit must be >= 1")
@@ -117,7 +116,7 @@ def run(args) -> int:
     else:
         methods = {f"{label} lrn={kw['lrn_rule']}": kw}
     result = evaluate(model, x, methods, region=args.region, steps=args.steps, seed=args.rng_seed, noise=args.noise,
-                      preprocessing=pre, names=names, providers=_providers(args.provider), threads=args.threads,
+                      preprocessing=pre, names=names, providers=providers_for(args.provider), threads=args.threads,
                       batch_size=args.batch_size, progress=not args.no_progress, output=args.explain_output)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

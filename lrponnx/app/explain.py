@@ -40,18 +40,6 @@ EXIT_SOME_FAILED = 3
 RAY_ARRAYS_BELOW = 2 * OVERVIEW_ROWS
 
 
-def _providers(name: str | None):
-    if name is None:
-        return None
-    if name == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise LrpOnnxError("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def preprocessing_for(model, args):
     """The model's stored preprocessing, overridden by any flag the user gave."""
     from lrponnx.app.preprocess import Preprocessing
@@ -146,7 +134,7 @@ def run_explain(args) -> int:
     from lrponnx.app.rule_options import rule_kwargs
     from lrponnx.compiler.load import read_model
     from lrponnx.app.inputs import list_inputs
-    from lrponnx.app.runtime import Explainer, is_explainer
+    from lrponnx.app.runtime import Explainer, is_explainer, providers_for
 
     _check_flags(args)
     out_dir = Path(args.output)
@@ -158,7 +146,7 @@ def run_explain(args) -> int:
     options = {} if is_explainer(model) else rule_kwargs(args)
     with warnings.catch_warnings():  # said once below, as a note, not as a Python warning
         warnings.simplefilter("ignore", UserWarning)
-        explainer = Explainer(model, providers=_providers(args.provider), **options)
+        explainer = Explainer(model, providers=providers_for(args.provider), **options)
     for note in getattr(explainer, "notes", ()):
         print(f"lrponnx: note: {note}", file=sys.stderr)
     if len(explainer.input_names) != 1:

@@ -65,6 +65,18 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
+def providers_for(name: str | None) -> list[str] | None:
+    """The providers of the CLI's ``--provider`` choice: None (not given: :func:`default_providers`),
+    "cpu", or "cuda" (an error when this onnxruntime has no CUDA provider)."""
+    if name is None:
+        return None
+    if name == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LrpOnnxError("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def is_explainer(model: onnx.ModelProto) -> bool:
     return any(p.key == VERSION_KEY for p in model.metadata_props)
 
