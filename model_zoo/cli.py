@@ -23,10 +23,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     pb.add_argument("name", help="zoo model name (see `zoo list`)")
     pb.add_argument("-o", "--out-dir", default=".", help="output folder (default: current folder)")
     pb.add_argument("--retrain", action="store_true",
-                    help="cifar10-lrn: train from scratch instead of copying the bundled file (minutes on a CPU)")
+                    help="cifar10-lrn, vit-cifar10: train from scratch instead of copying the bundled file "
+                         "(minutes on a CPU)")
     pb.add_argument("--seed", type=int, default=None,
-                    help="cifar10-lrn --retrain: training seed; bvlc-*: seed of the random weights")
-    pb.add_argument("--epochs", type=int, default=None, help="cifar10-lrn --retrain: number of epochs")
+                    help="with --retrain: training seed; bvlc-*: seed of the random weights")
+    pb.add_argument("--epochs", type=int, default=None, help="with --retrain: number of epochs")
     p.set_defaults(func=run)
     return p
 
@@ -56,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
             if args.epochs is not None:
                 opts["epochs"] = args.epochs
             entry = registry.get(args.name)
-            allowed = {"cifar10-lrn": {"retrain", "seed", "epochs"},
-                       "vit-cifar10": {"retrain", "seed", "epochs"}}.get(entry.name, set())
-            if entry.name.startswith("bvlc-"):
-                allowed = {"seed"}
-            bad = sorted(set(opts) - allowed)
+            bad = sorted(set(opts) - registry.build_options(entry))
             if bad:
                 raise LrpOnnxError(f"{entry.name} does not take --{', --'.join(bad)}")
             from lrponnx.files import check_output, check_output_folder

@@ -13,6 +13,7 @@ data folder (``../shared/data``, or ``$LRPONNX_SHARED_DATA``) and the Caffe conv
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import shutil
 from dataclasses import dataclass
@@ -156,6 +157,12 @@ def get(name: str) -> Entry:
         if e.name == name:
             return e
     raise UnknownModelError(f"no zoo model named {name!r}; known: {', '.join(e.name for e in _ENTRIES)}")
+
+
+def build_options(entry: Entry) -> set[str]:
+    """The options ``build`` takes for ``entry``: its builder's keyword-only parameters (``log`` aside)."""
+    params = inspect.signature(entry.builder).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "log"}
 
 
 def build(name: str, out_dir: str | Path = ".", **options) -> Path:

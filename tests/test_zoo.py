@@ -100,6 +100,24 @@ def test_cli_list_and_build(tmp_path, capsys):
     assert cli.run(parser.parse_args(["zoo", "build", "cifar10-lrn", "--epochs", "3"])) == 2
 
 
+def test_cli_build_options_follow_the_builders(tmp_path, capsys):
+    """Each entry takes exactly its builder's options; others are refused by name before any work."""
+    from lrponnx.model_zoo import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    for name, args, bad in (("cifar10-full-caffe", ["--seed", "1"], "does not take --seed"),
+                            ("bvlc-alexnet", ["--epochs", "3"], "does not take --epochs")):
+        assert cli.run(parser.parse_args(["zoo", "build", name, "-o", str(tmp_path / "o"), *args])) == 2
+        assert bad in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # a trained entry takes --epochs, but only to retrain
+    assert cli.run(parser.parse_args(["zoo", "build", "vit-cifar10", "-o", str(tmp_path / "o"), "--epochs", "3"])) == 2
+    assert "retrain=True" in capsys.readouterr().err
+    assert registry.build_options(registry.get("vit-cifar10")) == {"retrain", "seed", "epochs"}
+    assert registry.build_options(registry.get("bvlc-caffenet")) == {"seed"}
+
+
 # ----------------------------------------------------------------------------- the bundled model
 
 def test_bundled_checksum_matches():
