@@ -13,7 +13,9 @@ MAPPED = {"lrponnx.converters": ROOT.parent / "converters", "lrponnx.model_zoo":
 
 #: Cycles still in the tree, each with who removes it (issue 12). Empty means none is allowed.
 ALLOWED: set[frozenset[str]] = {
-    frozenset({"lrponnx.app.explain", "lrponnx.app.scale"}),  # the application's (helper H5)
+    # preprocess's module __getattr__ still resolves the input readers moved to app/inputs.py, for
+    # outside code (8450c06); the application's owner (H5) removes it when nothing reads them there
+    frozenset({"lrponnx.app.inputs", "lrponnx.app.preprocess"}),
 }
 
 
@@ -91,5 +93,7 @@ def test_the_import_graph_is_read_from_the_sources():
 
 def test_no_import_cycles():
     found = [c for c in cycles(import_graph()) if frozenset(c) not in ALLOWED]
+    gone = ALLOWED - {frozenset(c) for c in cycles(import_graph())}
+    assert not gone, f"allowed cycles no longer in the tree, drop them from ALLOWED: {gone}"
     assert not found, "import cycles (every import counts, also inside functions):\n" + "\n".join(
         " <-> ".join(c) for c in found)
