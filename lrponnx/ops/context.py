@@ -9,6 +9,7 @@ import numpy as np
 
 from lrponnx.compiler.builder import GraphBuilder
 from lrponnx.compiler.view import ModelView
+from lrponnx.ops.conv_forms import relu_factored_quotient
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class Ctx:
         knows ``d >= 0`` (e.g. W+ x+ + b+), so ``stab(d) = d + eps`` needs no sign test.
         """
         g = self.g
+        relu_q = relu_factored_quotient(g, self.view, R, d, eps)  # R = relu(d) f: no sign test (conv_forms)
+        if relu_q is not None:
+            return relu_q
         if eps > 0 and nonnegative:
             return g.op("Div", R, g.op("Add", d, g.const(float(eps)), hint=f"{hint}_den"), hint=hint)
         zero = g.const(0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrponnx.compiler.units import Unit
-from lrponnx.ops.context import Ctx, Unsupported
+from lrponnx.ops.context import Ctx, Product, Unsupported
 from lrponnx.ops.registry import handler
 
 PASS_OPS = ("Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Dropout", "Identity", "Cast",
@@ -61,7 +61,12 @@ def elementwise(ctx: Ctx, unit: Unit, R: str) -> dict:
     q = ctx.stab_div(R, y, unit.rule.epsilon)
     out = {}
     for a in dyn:
-        out[a] = ctx.unbroadcast(ctx.g.op("Mul", a, q, hint="r_add"), a, y_shape)
+        if y_shape is not None and ctx.view.shape(a) == y_shape:
+            # a q, summed with a's other relevance factors before one multiply (combine); the product
+            # with a ReLU's output is what relu_factored_quotient divides without a sign test
+            out[a] = Product(a, (q,))
+        else:
+            out[a] = ctx.unbroadcast(ctx.g.op("Mul", a, q, hint="r_add"), a, y_shape)
     return out
 
 

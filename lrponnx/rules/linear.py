@@ -24,6 +24,7 @@ import numpy as np
 from lrponnx.compiler.units import Unit
 from lrponnx.errors import RuleError
 from lrponnx.ops.context import Ctx, Product, runtime_ones, sized_const_ok
+from lrponnx.ops.conv_forms import negative_magnitude
 from lrponnx.ops.linear import LinearOps, Vjp
 from lrponnx.rules.base import Rule, fmt, number, param, register, short
 
@@ -97,14 +98,18 @@ def alpha_beta(ctx: Ctx, ops: LinearOps, x: str, z: str, R: str, alpha: float, b
                epsilon: float) -> str | Product:
     g, W, b = ctx.g, ops.p.W, ops.p.b
     Wp, Wn = _pos(W), _neg(W)
+    sign_n = 1.0
     if ctx.nonnegative(x):
         xp, xn = x, None
-    else:
-        xp, xn = ctx.positive_part(x), ctx.negative_part(x)
+    else:  # xn = x- / sign_n: -x- for a convolution (keeps ONNX Runtime's blocked layout; conv_forms)
+        xp = ctx.positive_part(x)
+        xn, sign_n = negative_magnitude(g, x, ops.p.x_shape[1] if ops.p.is_conv else None)
 
     def part(Wa, Wb, bias, key_a, key_b):
         """``x+ (Wa^T q) + x- (Wb^T q)`` with ``q = R / stab(Wa x+ + bias + Wb x-)``.
         (Not ``W- x + b- = z - p``: that difference cancels badly where it is the denominator.)"""
+        if sign_n < 0:  # xn holds -x-: (-Wb)(-x-) = Wb x-
+            Wb, key_b = -Wb, f"{key_b}_negated"
         if epsilon > 0:
             # The sign of d is known: W+ x+ + b+ + W- x- >= 0 ("pos") and W- x+ + b- + W+ x- <= 0
             # ("neg"), every term having that sign; so the stabiliser is a constant: it goes into the
