@@ -172,10 +172,10 @@ def _device_unchanged(d):
     assert stat.S_ISCHR(os.lstat(node).st_mode), f"{node} was replaced"
 
 
-def _enospc(monkeypatch):
-    def full(self, data):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
-    monkeypatch.setattr(Path, "write_bytes", full)
+def _enospc(monkeypatch):  # every file lrponnx.files writes goes through os.pwrite
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
 
 
 def _enospc_pwrite(monkeypatch):

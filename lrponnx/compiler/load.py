@@ -219,16 +219,20 @@ def model_tensors(model: onnx.ModelProto):
         yield from g.initializer
         yield from nodes(g.node)
 
+    A = onnx.AttributeProto
+
     def nodes(ns):
         for n in ns:
-            for a in n.attribute:
-                if a.HasField("t"):
+            for a in n.attribute:  # by type: reading an empty repeated field costs memory in protobuf's upb
+                if a.type == A.TENSOR:
                     yield a.t
-                yield from a.tensors
-                if a.HasField("g"):
+                elif a.type == A.TENSORS:
+                    yield from a.tensors
+                elif a.type == A.GRAPH:
                     yield from graph(a.g)
-                for sub in a.graphs:
-                    yield from graph(sub)
+                elif a.type == A.GRAPHS:
+                    for sub in a.graphs:
+                        yield from graph(sub)
 
     yield from graph(model.graph)
     for f in model.functions:
