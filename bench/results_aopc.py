@@ -77,7 +77,8 @@ def convert_cifar10_full(out: Path) -> Path:
 
 
 def load_data(model_path: Path, limit: int | None):
-    from lrponnx.app.preprocess import Preprocessing, iter_inputs
+    from lrponnx.app.inputs import iter_inputs
+    from lrponnx.app.preprocess import Preprocessing
 
     pre = Preprocessing.from_model(model_path)
     classes = sorted(p.name for p in DATA.iterdir() if p.is_dir())

@@ -12,11 +12,7 @@ ROOT = Path(lrponnx.__file__).resolve().parent
 MAPPED = {"lrponnx.converters": ROOT.parent / "converters", "lrponnx.model_zoo": ROOT.parent / "model_zoo"}
 
 #: Cycles still in the tree, each with who removes it (issue 12). Empty means none is allowed.
-ALLOWED: set[frozenset[str]] = {
-    # preprocess's module __getattr__ still resolves the input readers moved to app/inputs.py, for
-    # outside code (8450c06); the application's owner (H5) removes it when nothing reads them there
-    frozenset({"lrponnx.app.inputs", "lrponnx.app.preprocess"}),
-}
+ALLOWED: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -306,14 +306,3 @@ def test_sample_images():
     # a sample goes through preprocessing and back unchanged
     p = Preprocessing.from_flags(preset="caffe", size=32)
     assert np.array_equal(p.to_display(p.apply(samples[0][1])), samples[0][1])
-
-
-def test_input_readers_are_still_found_in_preprocess():
-    """They moved to lrponnx.app.inputs; code importing them from lrponnx.app.preprocess keeps working."""
-    import lrponnx.app.inputs as inputs
-    import lrponnx.app.preprocess as preprocess
-
-    for name in inputs.__all__:
-        assert getattr(preprocess, name) is getattr(inputs, name)
-    with pytest.raises(AttributeError):
-        preprocess.no_such_name  # noqa: B018

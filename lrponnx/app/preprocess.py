@@ -504,15 +504,3 @@ def _graph_input_hw(model, name: str | None) -> tuple[int, int] | None:
         return int(dims[2].dim_value), int(dims[3].dim_value)
     return None
 
-
-#: The input readers live in :mod:`lrponnx.app.inputs`; these names are still found here.
-_IN_INPUTS = frozenset({"InputItem", "InputRef", "MAX_ABS_INPUT", "expand_inputs", "list_inputs", "check_tensor",
-                        "load_ref", "iter_inputs", "load_inputs"})
-
-
-def __getattr__(name):
-    if name in _IN_INPUTS:
-        from lrponnx.app import inputs
-
-        return getattr(inputs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
