@@ -111,7 +111,7 @@ def test_without_the_declaration_the_layer_is_refused(tmp_path):
     assert "Swish" not in LAYERS
     proto = tmp_path / "toy.prototxt"
     proto.write_text(PROTOTXT)
-    with pytest.raises(CaffeLayerError, match=r"layer 'act' \(Swish\): no ONNX conversion for Caffe layer type 'Swish'"):
+    with pytest.raises(CaffeLayerError, match=r"'act' \(Swish\): no ONNX conversion for Caffe layer type 'Swish'"):
         convert(proto, random_weights=0)
 
 
