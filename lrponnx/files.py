@@ -169,39 +169,36 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
 
 
 def write_model(model: onnx.ModelProto, path) -> None:
-    """Write the bytes of ``model.SerializeToString()`` to ``path``, one initializer at a time.
+    """Write the bytes of ``model.SerializeToString()`` to ``path``, one node or initializer at a time.
 
     Serialising a whole model holds its encoding twice at once (protobuf's buffer and the bytes:
-    +200 MB for GoogLeNet's 99 MB explainer); this holds the largest initializer's instead.
+    +200 MB for GoogLeNet's 99 MB explainer); this holds the largest node's or initializer's instead.
     protobuf writes fields in field-number order, so the same bytes are: the model's fields before
-    ``graph``, the graph's key and length, the graph's fields before ``initializer``, each
-    initializer with its key and length, the graph's fields after it, the model's fields after it.
+    ``graph``, the graph's key and length, the graph's fields in order (each element of a repeated
+    message field with its own key and length), the model's fields after ``graph``.
     """
     graph = model.graph
-    g = _field_number(graph, "initializer")
     m = _field_number(model, "graph")
-    graph_a, graph_b = _serialize(_fields(graph, 0, g)), _serialize(_fields(graph, g + 1, 1 << 30))
-    model_a, model_b = _serialize(_fields(model, 0, m)), _serialize(_fields(model, m + 1, 1 << 30))
-    init_key = _varint(g << 3 | 2)  # length-delimited
-    sizes = [t.ByteSize() for t in graph.initializer]
-    graph_len = len(graph_a) + len(graph_b) + sum(len(init_key) + len(_varint(n)) + n for n in sizes)
-    graph_head = _varint(m << 3 | 2) + _varint(graph_len)
-    if len(model_a) + len(graph_head) + graph_len + len(model_b) >= 1 << 31:  # protobuf could not read it
+    parts = []  # bytes, or a message to serialise when written
+    for fd in sorted(graph.DESCRIPTOR.fields, key=lambda fd: fd.number):
+        if _is_repeated(fd) and fd.type == fd.TYPE_MESSAGE:
+            key = _varint(fd.number << 3 | 2)  # length-delimited
+            for item in getattr(graph, fd.name):
+                parts += [key + _varint(item.ByteSize()), item]
+        else:
+            parts.append(_serialize(_fields(graph, fd.number, fd.number + 1)))
+    graph_len = sum(len(x) if isinstance(x, bytes) else x.ByteSize() for x in parts)
+    head = _serialize(_fields(model, 0, m)) + _varint(m << 3 | 2) + _varint(graph_len)
+    tail = _serialize(_fields(model, m + 1, 1 << 30))
+    if len(head) + graph_len + len(tail) >= 1 << 31:  # protobuf could not read it back
         raise OutputError("the model is too large for one ONNX file (over 2 GiB); store its weights in a side "
                           "file (--external-data)")
     with open(path, "wb", buffering=0) as out:
         offset = 0
-
-        def write(data: bytes) -> None:
-            nonlocal offset
+        for x in [head, *parts, tail]:
+            data = x if isinstance(x, bytes) else _serialize(x)
             _write_all(out, offset, data)
             offset += len(data)
-
-        write(model_a + graph_head + graph_a)
-        for t, n in zip(graph.initializer, sizes):
-            write(init_key + _varint(n))
-            write(t.SerializeToString())
-        write(graph_b + model_b)
 
 
 def _field_number(msg, name: str) -> int:
