@@ -37,7 +37,7 @@ def is_linear(u: Unit) -> bool:
 
 
 def is_conv(u: Unit) -> bool:
-    return is_linear(u) and u.info.kind in ("conv", "convtranspose")
+    return is_linear(u) and u.info.is_conv
 
 
 def is_dense(u: Unit) -> bool:
