@@ -32,7 +32,6 @@ class LinearLayer:
     """
 
     op_type = ""
-    kind = ""  # TRANSITIONAL (issue 12): old string tag, removed once no caller reads it
     #: a convolution: channels on axis 1, static channel and spatial sizes needed to emit it
     is_conv = False
     #: a following BatchNormalization (channels on axis 1) can be folded into W, b
@@ -152,7 +151,6 @@ class GemmLayer(LinearLayer):
     """Gemm: W [M, K] (out x in, transB applied; the model's initializer is [K, M] when transB=0)."""
 
     op_type = "Gemm"
-    kind = "gemm"
 
     @classmethod
     def from_node(cls, view, node):
@@ -199,7 +197,6 @@ class MatMulLayer(LinearLayer):
     """MatMul by a constant: W [K, M] (in x out); x may have leading axes ([N, T, K])."""
 
     op_type = "MatMul"
-    kind = "matmul"
     folds_batchnorm = False  # BatchNorm's channel axis 1 is not MatMul's output axis in general
 
     @classmethod
@@ -236,7 +233,6 @@ class ConvLayer(LinearLayer):
     """Conv: W [M, C/g, *k]. Geometry explicit (``auto_pad`` SAME already turned into pads)."""
 
     op_type = "Conv"
-    kind = "conv"
     is_conv = True
 
     def __init__(self, b, x_shape, *, strides, pads, dilations, group: int, **kw):
@@ -385,7 +381,6 @@ class ConvTransposeLayer(ConvLayer):
     """ConvTranspose: W [C, M/g, *k]; output channel ``o = group * (M/g) + j``."""
 
     op_type = "ConvTranspose"
-    kind = "convtranspose"
 
     def __init__(self, b, x_shape, *, output_padding, **kw):
         super().__init__(b, x_shape, **kw)
