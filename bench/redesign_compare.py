@@ -235,6 +235,9 @@ def explainer_path(tree_name: str, model: str, composite: str) -> Path:
 def measured(cmd: list[str]) -> dict:
     """Wall time and peak RSS of ``cmd`` alone, through the small launcher bench/measure.py."""
     launcher = [sys.executable, "-S", str(HERE / "measure.py"), "--timeout", "1800", "--"]
+    # The previous run's output (hundreds of MB for CaffeNet/VGG16) is still being written back from the
+    # page cache; without a sync that writeback lands in this run's system time (up to +40 % wall).
+    os.sync()
     load0 = os.getloadavg()[0]
     p = subprocess.run(launcher + cmd, capture_output=True, env=child_env(), cwd=WORK)
     try:
@@ -514,7 +517,8 @@ def render(res: dict) -> str:
     if res.get("timing"):
         L.append("### `convert`: time and peak memory\n")
         L.append(f"Median of {res['repeats']} run(s) per tree after one warm-up round; the two trees alternate "
-                 "within each round. Each run is one `lrponnx convert MODEL -o OUT --composite C` process "
+                 "within each round, each after an `os.sync()` (so that the previous run's file writeback does not land in "
+                 "the next run's time). Each run is one `lrponnx convert MODEL -o OUT --composite C` process "
                  "(defaults otherwise), timed through `bench/measure.py` (wall time; peak RSS = `ru_maxrss` "
                  "from `wait4`, start-up and imports included: `lrponnx --help` alone takes "
                  f"{res['startup']['before']['wall_s']:.2f} s / {res['startup']['before']['peak_rss_mb']:.0f} MiB before, "

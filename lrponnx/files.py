@@ -180,14 +180,17 @@ def write_model(model: onnx.ModelProto, path) -> None:
     graph = model.graph
     m = _field_number(model, "graph")
     parts = []  # bytes, or a message to serialise when written
+    graph_len = 0
     for fd in sorted(graph.DESCRIPTOR.fields, key=lambda fd: fd.number):
         if _is_repeated(fd) and fd.type == fd.TYPE_MESSAGE:
             key = _varint(fd.number << 3 | 2)  # length-delimited
             for item in getattr(graph, fd.name):
-                parts += [key + _varint(item.ByteSize()), item]
+                size = item.ByteSize()  # not cached by protobuf: once per element (CaffeNet: 0.24 s)
+                parts += [key + _varint(size), item]
+                graph_len += len(parts[-2]) + size
         else:
             parts.append(_serialize(_fields(graph, fd.number, fd.number + 1)))
-    graph_len = sum(len(x) if isinstance(x, bytes) else x.ByteSize() for x in parts)
+            graph_len += len(parts[-1])
     head = _serialize(_fields(model, 0, m)) + _varint(m << 3 | 2) + _varint(graph_len)
     tail = _serialize(_fields(model, m + 1, 1 << 30))
     if len(head) + graph_len + len(tail) >= 1 << 31:  # protobuf could not read it back
