@@ -11,20 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from lrponnx.compiler.geometry import pool_geometry, pool_output_size
-
-
-def _run(op_type: str, x: np.ndarray, inputs=(), opset: int = 19, **attrs) -> np.ndarray:
-    names = ["x"] + [f"w{i}" for i in range(len(inputs))]
-    node = helper.make_node(op_type, names, ["y"], **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [onnx.numpy_helper.from_array(np.asarray(v, np.float32), n)
-                               for n, v in zip(names[1:], inputs)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+from ort_ops import run_op as _run
 
 
 def _window_sums(x: np.ndarray, geo) -> np.ndarray:

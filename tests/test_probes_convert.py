@@ -549,15 +549,15 @@ def test_runtime_constants_equal_stored_constants(monkeypatch):
 def test_pool_output_size_formula_matches_onnxruntime(op, ceil, pads):
     """The output-size formula (compiler/geometry.py; no ONNX Runtime run at convert time) agrees with
     a run. Random geometries with dilations and several axes: tests/test_geometry.py."""
-    from lrponnx.compiler.constants import run_op
     from lrponnx.compiler.geometry import pool_output_size
+    from ort_ops import run_op
 
     for size in range(3, 40):
         for k, s in ((2, 2), (3, 2), (3, 3), (5, 4)):
             if k > size + sum(pads) or pads[0] >= k or pads[1] >= k:
                 continue
             attrs = dict(kernel_shape=[k], strides=[s], pads=pads, ceil_mode=ceil)
-            ran = int(run_op(op, [np.ones([1, 1, size], np.float32)], opset=22, **attrs).shape[2])
+            ran = int(run_op(op, np.ones([1, 1, size], np.float32), opset=22, **attrs).shape[2])
             assert pool_output_size(size, k, s, 1, pads[0], pads[1], bool(ceil)) == ran, (op, ceil, pads, size, k, s)
 
 

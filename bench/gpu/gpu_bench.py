@@ -133,29 +133,6 @@ def ort_cuda_session(ort, path, allow_fallback: bool):
     return ort.InferenceSession(str(path), so, providers=[cuda, "CPUExecutionProvider"])
 
 
-def patch_lrponnx_ir_version() -> None:
-    """lrponnx.compiler.constants.run_op builds its one-op models with onnx's newest IR version (14 for onnx 1.23),
-    which ONNX Runtime < 1.32 rejects ("max supported IR version: 13"): give them the lowest IR version
-    their opset needs instead. Affects only that module's calls (bench-side workaround; reported)."""
-    import types
-
-    import lrponnx.compiler.constants as ev
-    from onnx import helper
-
-    if getattr(ev, "_bench_patched", False):
-        return
-    proxy = types.SimpleNamespace(**{k: getattr(helper, k) for k in dir(helper) if not k.startswith("__")})
-
-    def make_model(graph, **kw):
-        m = helper.make_model(graph, **kw)
-        m.ir_version = min(m.ir_version, max(8, helper.find_min_ir_version_for(list(m.opset_import), True)))
-        return m
-
-    proxy.make_model = make_model
-    ev.helper = proxy
-    ev._bench_patched = True
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
@@ -211,7 +188,6 @@ def main() -> int:
         import lrponnx
         convert_caffe = import_caffe_convert()
         import onnx
-        patch_lrponnx_ir_version()
     except Exception as e:
         fail("import lrponnx / converter / onnx", e)
         write_out(out)

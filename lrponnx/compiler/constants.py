@@ -1,34 +1,14 @@
-"""Evaluating small constant expressions at convert time (ONNX Runtime or onnx's reference evaluator).
+"""Folding constant subgraphs at convert time with onnx's reference evaluator (no ONNX Runtime).
 
-Some rules need numbers that do not depend on the input (flat/wsquare denominators, zbox
-bound terms, pooling divisors). They are computed once here, with the same kernels the
-explainer will use, and stored as initializers.
+The numbers rules need that do not depend on the input (flat/wsquare denominators, zbox bound
+terms, pooling divisors) are computed in numpy: ``compiler/linear_layers.py`` (constant forwards)
+and ``compiler/geometry.py`` (pooling sizes and divisors).
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
-
-
-def run_op(op_type: str, inputs: list[np.ndarray], opset: int = 17, **attrs) -> np.ndarray:
-    """Run one float32 ONNX op on constant inputs; returns its first output."""
-    names = [f"in{i}" for i in range(len(inputs))]
-    node = helper.make_node(op_type, names, ["out"], **attrs)
-    graph = helper.make_graph(
-        [node], "const", [],
-        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), n) for n, v in zip(names, inputs)],
-    )
-    opsets = [helper.make_opsetid("", opset)]
-    # the lowest IR version that holds these opsets, so older onnxruntime releases load it too
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {})[0]
 
 
 def evaluate_node(node: onnx.NodeProto, inputs: dict, opset_imports, ir_version: int | None = None) -> list[np.ndarray]:
