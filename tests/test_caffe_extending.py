@@ -6,7 +6,6 @@ The declaration is removed afterwards. Also: the registry refuses duplicates and
 declarations, and derives the checks of bottoms from the declaration."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ import pytest
 from lrponnx.converters.caffe import CaffeLayerError, convert
 from lrponnx.converters.caffe import proto as cpb
 from lrponnx.converters.caffe.layers import LAYERS, CaffeLayer, register, supported_types, unregister
+from doc_examples import example
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 
 PROTOTXT = """name: "toy"
 input: "data"
@@ -26,12 +25,6 @@ layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
         convolution_param { num_output: 3 kernel_size: 1 bias_term: false } }
 layer { name: "act" type: "Swish" bottom: "conv" top: "conv" }
 """
-
-
-def example(marker: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
-    (code,) = [b for b in blocks if b.startswith(f"# example: {marker}\n")]
-    return code
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ small model is converted with them and the heatmap is checked against a float64 
 written here; the registrations are removed afterwards. Also: registries refuse duplicates."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -19,14 +17,7 @@ import lrponnx
 from lrponnx.errors import RuleError
 from lrponnx.ops import registry
 from lrponnx.rules import RULES, base
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
-
-
-def example(marker: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
-    (code,) = [b for b in blocks if b.startswith(f"# example: {marker}\n")]
-    return code
+from doc_examples import example
 
 
 @pytest.fixture
