@@ -28,7 +28,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lrponnx.converters.caffe.convert import _layers_of, convert, load_prototxt, random_caffemodel
+from lrponnx.converters.caffe.convert import convert, load_prototxt, random_caffemodel
+from lrponnx.converters.caffe.net import layers_of
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV is the independent Caffe reference: pip install "
                                         "'opencv-python-headless<5' (the test extra has it)")
@@ -90,7 +91,7 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 def probes(prototxt: Path, n_inner: int = 4) -> list[tuple[str, str]]:
     """``(blob, layer that writes it last)`` pairs to compare: a few evenly spaced intermediate
     blobs, the input of the last Softmax, and the outputs."""
-    layers = [L for L in _layers_of(load_prototxt(prototxt)) if L.type not in ALIASES]
+    layers = [L for L in layers_of(load_prototxt(prototxt)) if L.type not in ALIASES]
     last: dict[str, str] = {}
     for L in layers:
         for t in L.tops:
@@ -163,7 +164,7 @@ def parity(prototxt: Path, tmp: Path, size: tuple[int, int] | None = None, seed:
         assert a.shape == b.shape, f"{key}: blob {blob!r} (layer {layer!r}): lrponnx {a.shape}, OpenCV {b.shape}"
         errors[blob] = rel_l2(a, b)
     final = [o.name for o in model.graph.output]
-    soft = [L for L in _layers_of(load_prototxt(prototxt)) if L.type == "Softmax" and L.tops[0] in final]
+    soft = [L for L in layers_of(load_prototxt(prototxt)) if L.type == "Softmax" and L.tops[0] in final]
     final += [L.bottoms[0] for L in soft if L.bottoms[0] in errors]
     assert set(final) <= set(errors), f"{key}: outputs {final} not all compared ({list(errors)})"
     return Result(key, tuple(x_shape), errors, final, model)
@@ -232,7 +233,7 @@ def load_input_dims(prototxt: Path) -> list[int]:
         return list(net.input_dim[:4])
     if len(net.input_shape):
         return list(net.input_shape[0].dim)
-    for L in _layers_of(net):
+    for L in layers_of(net):
         if L.type == "Input":
             return list(L.msg.input_param.shape[0].dim)
     raise AssertionError(f"{prototxt}: no input shape")

@@ -45,7 +45,6 @@ __all__ = ["convert", "CaffeConversionWarning", "CaffeLayerError", "PREPROCESSIN
 
 MIN_OPSET = 13
 SUPPORTED_TYPES = supported_types()  # the built-in layer types (layers.supported_types() is live)
-_layers_of = layers_of  # the name tests/test_caffe_opencv.py imports
 
 
 def convert(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None, *, mean=None,
