@@ -91,6 +91,7 @@ def _spread(n: int, k: int) -> list[int]:
 
 def run(args) -> int:
     from lrponnx.app.rule_options import rule_kwargs
+    from lrponnx.rules.composites import RuleOptions
     from lrponnx.compiler.load import read_model
     from lrponnx.app.perturbation import evaluate, lrn_methods, plot_curves, save_json
     from lrponnx.app.preprocess import Preprocessing
@@ -104,7 +105,7 @@ def run(args) -> int:
     pre = Preprocessing.from_model(model)
     x, names = load_tensors(args.inputs, pre, args.limit)
     kw = rule_kwargs(args)
-    label = kw["composite"] + (f" eps={kw['epsilon']:g}" if kw["epsilon"] != 1e-6 else "") + \
+    label = kw["composite"] + (f" eps={kw['epsilon']:g}" if kw["epsilon"] != RuleOptions.epsilon else "") + \
         "".join(f" {r}" for r in kw["rules"])
     if is_explainer(model):
         if args.compare_lrn:

@@ -136,9 +136,13 @@ def check_float32(view: ModelView) -> None:
             "in float32 (PyTorch: model.float() before torch.onnx.export) and convert that")
 
 
-def plan(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
-         low=None, high=None, rules=(), lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6,
-         lrn_denominator: str = "sum", lazy_weights: bool = False, output: str | None = None,
+# The rule knobs' defaults are the rules' own, read through RuleOptions (never repeated here).
+_D = RuleOptions
+
+
+def plan(model, composite: str = _D.composite, *, epsilon: float = _D.epsilon, gamma: float = _D.gamma,
+         low=None, high=None, rules=(), lrn_rule: str = _D.lrn_rule, lrn_epsilon: float = _D.lrn_epsilon,
+         lrn_denominator: str = _D.lrn_denominator, lazy_weights: bool = False, output: str | None = None,
          input_shape=None) -> Plan:
     """Prepare the model, assign rules and list what cannot be explained, without emitting the
     explainer (``lrponnx inspect``). ``lazy_weights``, ``output``, ``input_shape``: see :func:`convert`."""
@@ -282,9 +286,9 @@ def _why_unsupported(u: Unit) -> str:
     return f"no LRP rule for op type {node.op_type}"
 
 
-def convert(model, composite: str = "epsilon-plus-flat", *, epsilon: float = 1e-6, gamma: float = 0.25,
+def convert(model, composite: str = _D.composite, *, epsilon: float = _D.epsilon, gamma: float = _D.gamma,
             low=None, high=None, rules=(), seed: str = "logit", layer_relevance: bool = False,
-            lrn_rule: str = "taylor", lrn_epsilon: float = 1e-6, lrn_denominator: str = "sum",
+            lrn_rule: str = _D.lrn_rule, lrn_epsilon: float = _D.lrn_epsilon, lrn_denominator: str = _D.lrn_denominator,
             lazy_weights: bool = False, exact_forward: bool = False, target_runtime: str = "any",
             output: str | None = None, input_shape=None) -> onnx.ModelProto:
     """Compile ``model`` (a path or ModelProto) into an explainer ONNX model.
