@@ -24,6 +24,8 @@ from lrponnx.rules.composites import RuleOptions, assign_rules, parse_override
 from lrponnx.errors import InvalidModelError, Offender, RuleError, UnsupportedModelError, shorten
 from lrponnx.compiler.load import first_line, prepare, read_model, skeleton
 from lrponnx.ops import TARGET_RUNTIMES, Ctx, Unsupported, combine, load_handlers
+from lrponnx.ops.activations import gate_source
+from lrponnx.ops.attention import shape_only
 from lrponnx.ops.registry import UNKNOWN
 from lrponnx.compiler.units import Unit, build_units
 from lrponnx.compiler.view import ModelView
@@ -175,8 +177,6 @@ def check_support(view: ModelView, units: list[Unit], logits: str, target_runtim
     handler without a ``supports`` check (its refusals depend on what it reads while emitting) is
     run on its unit alone, into a scratch graph that is thrown away."""
     table = load_handlers()
-    from lrponnx.ops.attention import shape_only  # after load_handlers: it wraps their MatMul and Gather
-
     scratch: Ctx | None = None
     received, offenders = {logits}, []
     for u in reversed(units):
@@ -269,8 +269,6 @@ def _relevance_path(view: ModelView, units: list[Unit], logits: str) -> list[Uni
 def _receiving_inputs(view: ModelView, u: Unit) -> list[str]:
     """The inputs a unit hands relevance to: all but the gate of a ``signal-takes-all`` product."""
     if u.rule is not None and u.rule.name == "signal-takes-all" and len(u.inputs) == 2:
-        from lrponnx.ops.activations import gate_source
-
         gates = [i for i in u.inputs if gate_source(view, i) is not None]
         if len(gates) == 1:
             return [i for i in u.inputs if i != gates[0]]
@@ -442,7 +440,6 @@ def emit_relevance(ctx: Ctx, units: list[Unit], logits: str, R0: str, exposed: l
     ``(output name, tensor, shape)`` for ``--layer-relevance``.
     """
     g, table = ctx.g, load_handlers()
-    from lrponnx.ops.attention import shape_only  # after load_handlers: it wraps their MatMul and Gather
 
     incoming: dict[str, list[str]] = defaultdict(list)
     incoming[logits].append(R0)
