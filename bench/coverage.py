@@ -16,10 +16,14 @@ and the dynamo default, "dynamo"), the ONNX file is exported once and cached in
   the canonizers that make the two explain the same function (exact BatchNorm merge, ``Sum`` for
   residual adds, average pools as modules; ``tests/test_zennit_parity.py``). "n/a" says why Zennit
   applies other rules (gating, LayerNorm, ...);
-- **ratio**: explainer time / forward time at batch 8, 2 ONNX Runtime threads, median of runs.
+- **ratio**: explainer time / forward time at batch 8, 2 ONNX Runtime threads, each in its steady
+  state (alternating blocks of back-to-back runs: ``_interleaved_times``);
+- **Zennit ratio**: the peer in the same loop: Zennit's EpsilonPlusFlat heatmap / PyTorch's forward,
+  batch 8, 2 threads, and both explainers' seconds (``_zennit_timers``).
 
     python bench/coverage.py [--archs resnet18,alexnet] [--exporters torchscript,dynamo]
-                             [--export-only] [--no-time] [--size 224]
+                             [--export-only] [--no-time]
+    python bench/coverage.py --retime --zennit-time    # retime the stored rows, Zennit beside them
 """
 from __future__ import annotations
 
@@ -257,18 +261,32 @@ def _session(model, threads: int):
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-def _interleaved_times(forward, explainer, runs: int = 5) -> tuple[float, float]:
-    """The fastest of ``runs`` alternating runs of each (after one warm-up each): on a shared
-    machine the minimum is the estimate least disturbed by other processes, and alternating exposes
-    both to the same load."""
-    forward(), explainer()
-    t_f, t_e = [], []
-    for _ in range(runs):
-        for fn, times in ((forward, t_f), (explainer, t_e)):
-            t0 = time.perf_counter()
+def _interleaved_times(*fns, rounds: int = 3, block_s: float = 1.0, pause: float = 0.3) -> list[float]:
+    """Each function's steady-state time: the fastest run of ``rounds`` blocks per function, the blocks
+    of the functions alternating (so that all of them see the same load on this shared machine).
+
+    A block is a pause, one untimed run, then back-to-back timed runs (enough to last about
+    ``block_s``, at least one): the time a user sees who runs only that model, batch after batch.
+    Single runs alternating back to back (the first form of this table) measured each session while
+    the other's intra-op threads still spun, taking a core, and the 10-30 ms forward passes paid most:
+    MobileNetV2's ratio came out 4.5 where its steady state is about 7. A pause before each single run
+    fixes the spinning but then every run starts with caches full of the other model's tensors
+    (MnasNet's forward: 11 ms after a pause, 7 ms back to back)."""
+    counts = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        counts.append(max(1, min(20, int(block_s / max(time.perf_counter() - t0, 1e-6)))))
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, (fn, n) in enumerate(zip(fns, counts)):
+            time.sleep(pause)
             fn()
-            times.append(time.perf_counter() - t0)
-    return min(t_f), min(t_e)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def _refusal(e: Exception) -> str:
@@ -280,12 +298,12 @@ def _refusal(e: Exception) -> str:
         for o in e.offenders:
             counts[o.op_type] = counts.get(o.op_type, 0) + 1
             first.setdefault(o.op_type, o.why)
-        return "; ".join(f"{op} x{n}: {first[op][:110]}" for op, n in counts.items())
+        return "; ".join(f"{op} x{n}: {first[op]}" for op, n in counts.items())
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
 
 
 def evaluate(arch: str, exporter: str, *, timing: bool = True, threads: int = 2, parity: bool = True,
-             size: int | None = None, batch: int = 8, parity_batch: int = 2) -> dict:
+             size: int | None = None, batch: int = 8, parity_batch: int = 2, zennit_time: bool = False) -> dict:
     import numpy as np
     import onnx
 
@@ -337,31 +355,84 @@ def evaluate(arch: str, exporter: str, *, timing: bool = True, threads: int = 2,
             if row["parity"] > 1e-5:  # is it float32 rounding? Zennit's own float32 run, against its float64
                 row["zennit_f32"] = zennit_f32_error(arch, x, target, b)
     if timing:
-        time_row(row, plain, sess, size, batch)
+        time_row(row, plain, sess, size, batch, zennit=zennit_time)
     return row
 
 
-def time_row(row: dict, plain, sess, size: int, batch: int = 8) -> None:
+def time_row(row: dict, plain, sess, size: int, batch: int = 8, zennit: bool = False) -> None:
+    """The ratio column: ONNX Runtime's explainer against its forward pass. With ``zennit``, also
+    Zennit's EpsilonPlusFlat heatmap against PyTorch's forward pass on the same batch, in the same
+    alternating loop, so that the two ratios (and the two explainers' seconds) see the same load."""
     import numpy as np
 
     rng = np.random.default_rng(1)
     if row["dynamic_batch"]:
         xb = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-        t_fwd, t_exp = _interleaved_times(lambda: plain.run(None, {"input": xb}),
-                                          lambda: sess.run(None, {"input": xb, "target": np.full([batch], -1,
-                                                                                                   np.int64)}))
+        fns = [lambda: plain.run(None, {"input": xb}),
+               lambda: sess.run(None, {"input": xb, "target": np.full([batch], -1, np.int64)})]
     else:  # a fixed batch of 1: batch 8 as 8 runs
         x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-        t_fwd, t_exp = _interleaved_times(lambda: [plain.run(None, {"input": x1}) for _ in range(batch)],
-                                          lambda: [sess.run(None, {"input": x1, "target": np.full([1], -1, np.int64)})
-                                                   for _ in range(batch)])
-    row["forward_s"], row["explainer_s"] = round(t_fwd, 3), round(t_exp, 3)
-    row["ratio"] = round(t_exp / t_fwd, 2)
+        xb = np.repeat(x1, batch, axis=0)
+        fns = [lambda: [plain.run(None, {"input": x1}) for _ in range(batch)],
+               lambda: [sess.run(None, {"input": x1, "target": np.full([1], -1, np.int64)}) for _ in range(batch)]]
+    with _zennit_timers(row["arch"], xb) if zennit else _no_timers() as extra:
+        times = _interleaved_times(*fns, *extra)
+    row["forward_s"], row["explainer_s"] = round(times[0], 3), round(times[1], 3)
+    row["ratio"] = round(times[1] / times[0], 2)
+    if zennit:
+        row["torch_forward_s"], row["zennit_s"] = round(times[2], 3), round(times[3], 3)
+        row["zennit_ratio"] = round(times[3] / times[2], 2)
     row["load"] = round(os.getloadavg()[0], 1)
 
 
-def retime(archs, exporters, threads: int = 2) -> int:
-    """Time the stored rows that convert again (nothing else), and rewrite the doc."""
+class _no_timers:
+    def __enter__(self):
+        return ()
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _zennit_timers:
+    """PyTorch's forward (``no_grad``, float32) and Zennit's EpsilonPlusFlat heatmap for the predicted
+    class (forward + backward, as a Zennit user runs it) on the same batch. The canonizers are those of
+    the parity column where they exist (the same rules as lrponnx), else Zennit's exact BatchNorm merge
+    alone (Zennit then applies its own rules to the gates, LayerNorm and functional pools: a heatmap of
+    the same kind at its usual cost)."""
+
+    def __init__(self, arch: str, x):
+        self.arch, self.x = arch, x
+
+    def __enter__(self):
+        import torch
+        from zennit.composites import EpsilonPlusFlat
+
+        model = make_model(self.arch).float().eval()
+        canonizers, _ = zennit_setup(self.arch, model)
+        self.context = EpsilonPlusFlat(canonizers=canonizers or [_exact_merge_bn()]).context(model)
+        modified = self.context.__enter__()
+        xt = torch.from_numpy(self.x)
+
+        def forward():
+            with torch.no_grad():
+                model(xt)
+
+        def heatmap():
+            x = xt.clone().requires_grad_()
+            out = modified(x)
+            seed = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(out.dtype) * out.detach()
+            torch.autograd.grad(out, x, grad_outputs=seed)
+
+        return forward, heatmap
+
+    def __exit__(self, *exc):
+        self.context.__exit__(*exc)
+        return False
+
+
+def retime(archs, exporters, threads: int = 2, zennit: bool = False) -> int:
+    """Time the stored rows that convert again (nothing else), and rewrite the doc. With ``zennit``,
+    Zennit's heatmap and PyTorch's forward are timed in the same loop (``time_row``)."""
     import onnx
 
     import lrponnx
@@ -372,8 +443,9 @@ def retime(archs, exporters, threads: int = 2) -> int:
             continue
         model = onnx.load(str(onnx_path(row["arch"], row["exporter"], row["size"])))
         explainer = lrponnx.convert(model)
-        time_row(row, _session(model, threads), _session(explainer, threads), row["size"])
-        print(key, row["forward_s"], row["explainer_s"], row["ratio"], row["load"], flush=True)
+        time_row(row, _session(model, threads), _session(explainer, threads), row["size"], zennit=zennit)
+        print(key, row["forward_s"], row["explainer_s"], row["ratio"], row.get("zennit_s"), row.get("zennit_ratio"),
+              row["load"], flush=True)
         RESULTS.write_text(json.dumps(results, indent=1))
     write_doc(results)
     return 0
@@ -393,7 +465,7 @@ def run_table(archs, exporters, timing=True, threads=2) -> int:
         for exporter in exporters:
             t0 = time.perf_counter()
             try:
-                row = evaluate(arch, exporter, timing=timing, threads=threads)
+                row = evaluate(arch, exporter, timing=timing, threads=threads, zennit_time=timing)
             except Exception as e:  # noqa: BLE001
                 row = {"arch": arch, "exporter": exporter, "status": "error",
                        "why": f"BUG {type(e).__name__}: {str(e)[:300]}"}
@@ -457,27 +529,35 @@ def _fmt_row(r: dict | None) -> tuple[str, str, str, str]:
     return conv, par or "", ratio, ""
 
 
-#: what the ONNX Runtime profiles (``bench/profile_explainer.py``, batch 8, 2 threads) showed
-SLOW_WHY = """Why (ONNX Runtime profiles, `bench/profile_explainer.py`, batch 8, 2 threads):
+def _fmt_zennit(r: dict | None) -> tuple[str, str]:
+    """Zennit's ratio (its heatmap / PyTorch's forward) and the two explainers' seconds at batch 8."""
+    if not r or r.get("zennit_ratio") is None:
+        return "", ""
+    return f"{r['zennit_ratio']:.2f}", f"{r['explainer_s']:.3f} / {r['zennit_s']:.3f}"
 
-- **Depthwise-separable nets** (MobileNet v2/v3, MnasNet, EfficientNet, RegNet-Y): their forward pass is
-  cheap (depthwise convolutions, 1x1 convolutions on few channels), while the explainer does several
-  elementwise passes (divide, products, the z+ parts of mixed-sign inputs after linear bottlenecks) over
-  every 6x-expanded activation map. MobileNetV2 (TorchScript), shares of the explainer's kernel time
-  (profiled on the loaded machine: shares, not seconds): forward part 10 %, relevance 62 % (Conv 29 % for
-  the z+ convolutions and vector-Jacobian products, ConvTranspose 13 % for the strided depthwise ones,
-  Mul 12 %, Div 7 %), ONNX Runtime's layout reorders 26 % (NCHWc <-> NCHW: the forward runs blocked,
-  the relevance ops read the activations in NCHW).
-- **ResNet-50** (bottlenecks: 4x-expanded maps at every residual Add): forward part 23 %, relevance 65 %
-  (Conv 34 %, Mul 7 %, Where 6 % and Div 5 % for the residual Adds' `norm` stabiliser, ConvTranspose
-  6 %), layout reorders 11 %.
-- The z+ rule with mixed-sign inputs had a sign test per element (Where/GreaterOrEqual); its sign is known
-  (every term of W+x+ + b+ + W-x- is >= 0), so the stabiliser now goes into the bias: MobileNetV2's
-  relevance part went from 2.9 to 2.2 s. What is left is the cost of the rules themselves on large
-  activation maps, not of the new ops (ReduceMean, the gates and the identity activations cost < 1 %).
-- The machine is shared (2 cores): the load average when each row was timed is stored with it in
-  `bench/_work/coverage/results.json`; the same rows timed at a load of 10 to 13 gave ratios up to
-  twice these."""
+
+#: what the ONNX Runtime profiles (``bench/profile_explainer.py``, batch 8, 2 threads) showed
+SLOW_WHY = """Why (ONNX Runtime profiles, `bench/profile_explainer.py`, batch 8, 2 threads; `bench/DIARY.md`):
+
+- **The rules' own convolutions.** Zennit's `EpsilonPlusFlat` applies z+ to every convolution: after a
+  ReLU that is one extra convolution (`W+ x`) and one vector-Jacobian product per layer, 3x the forward's
+  convolution work; on mixed-sign inputs (after SiLU or HardSwish, or a linear bottleneck) two of each,
+  5x. That alone puts the nets whose forward is mostly convolution (ResNet, DenseNet, Inception, RegNet,
+  ConvNeXt) near or above 3.5 before any elementwise op.
+- **Depthwise-separable nets** (MobileNet v2/v3, MnasNet, EfficientNet, ShuffleNet): ONNX Runtime's
+  forward is 7-50 ms of fused, blocked (NCHWc) kernels, while every relevance step is a separate,
+  memory-bound pass over the 6x-expanded maps (divide, products, the z+ parts), and every `Div` runs
+  outside the blocked layout with a reorder on each side. MobileNetV2 (TorchScript), shares of the
+  explainer's kernel time: forward part 10 %, relevance 62 % (Conv 29 %, ConvTranspose 13 %, Mul 12 %,
+  Div 7 %), layout reorders 26 %. Replacing every `Div` by a `Mul` (wrong numbers, a bound) took it only
+  from 4.9 to 4.3x on the old timing.
+- **Max-pooled nets** (GoogLeNet, SqueezeNet, Inception, ShuffleNet's stem): winner-take-all needs
+  ONNX Runtime's `MaxPool` with `Indices`, about 20 ns per output against about 1 ns for the forward's
+  pool, and a `ScatterElements`; no other ONNX op gives the argmax faster (`docs/maxpool-wta.md`).
+- **Timing.** These ratios are each session's steady state (blocks of back-to-back runs). The first
+  form of this table alternated single runs back to back, so each session ran while the other's
+  intra-op threads still spun; the short forward passes paid most, and the ratios came out too low:
+  AlexNet 2.41 (now 3.10), ResNet-50 4.25 (4.66), MobileNetV2 4.72 (8.89), MnasNet 5.62 (11.11)."""
 
 
 def write_doc(results: dict) -> None:
@@ -502,25 +582,33 @@ def write_doc(results: dict) -> None:
         "global average pools replaced by `AdaptiveAvgPool2d` modules. n/a: Zennit applies other rules. "
         "Where the error is above 1e-5, \"Zennit f32\" is Zennit's own float32 run against its float64 run: "
         "the size of float32 rounding on that net.",
-        "- **ratio**: explainer / forward time at batch 8, ONNX Runtime CPU, 2 threads, the fastest of 5 "
-        "alternating runs of each (a fixed-batch export runs 8 times batch 1). The machine is shared "
+        "- **ratio**: explainer / forward time at batch 8, ONNX Runtime CPU, 2 threads, each in its steady state: "
+        "the fastest run of 3 alternating blocks of back-to-back runs, each block after a pause and an untimed "
+        "run (`_interleaved_times`; a fixed-batch export runs 8 times batch 1). The machine is shared "
         "(2 cores; the load average at timing is stored with each row in `bench/_work/coverage/results.json`), "
         "so the ratios are noisy.",
+        "- **Zennit ratio**: the peer's cost in the same units, timed in the same alternating loop: Zennit "
+        "0.5.1's `EpsilonPlusFlat` heatmap for the predicted class (forward and backward, float32, the parity "
+        "column's canonizers, else the exact BatchNorm merge alone) / PyTorch's forward (`no_grad`), batch 8, "
+        "2 threads. **seconds**: the two explainers' wall time for that batch, lrponnx (ONNX Runtime) / "
+        "Zennit (PyTorch).",
         "- **sum/logit**: input relevance sum / target logit; epsilon-plus-flat does not conserve "
         "(biases, the flat first layer), so this is reported, not judged.",
         "",
-        "| architecture | exporter | converts | parity | ratio | sum/logit | why refused |",
-        "|---|---|---|---|---|---|---|",
+        "| architecture | exporter | converts | parity | ratio | Zennit ratio | seconds, lrponnx / Zennit | sum/logit "
+        "| why refused |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in ARCHS:
         for exporter in EXPORTERS:
             r = results.get(f"{arch}/{exporter}")
             conv, par, ratio, why = _fmt_row(r)
+            z_ratio, secs = _fmt_zennit(r)
             sl = ""
             if r and r.get("sum_over_logit"):
                 sl = "/".join(f"{v:.2f}" for v in r["sum_over_logit"])
             why = why.replace("|", "\\|")
-            lines.append(f"| {arch} | {exporter} | {conv} | {par} | {ratio} | {sl} | {why} |")
+            lines.append(f"| {arch} | {exporter} | {conv} | {par} | {ratio} | {z_ratio} | {secs} | {sl} | {why} |")
     done = [r for r in results.values() if r.get("status") == "converts"]
     lines += ["", f"{len(done)} of {len(ARCHS) * len(EXPORTERS)} (architecture, exporter) pairs convert."]
     blockers: dict = {}
@@ -554,7 +642,31 @@ def write_doc(results: dict) -> None:
         lines += [f"- {r['arch']} ({r['exporter']}): {r['ratio']:.2f} (forward {r['forward_s']} s, explainer "
                   f"{r['explainer_s']} s)" for r in slow]
         lines += ["", SLOW_WHY]
+    lines += _against_zennit(done)
     DOC.write_text("\n".join(lines) + "\n")
+
+
+def _against_zennit(done: list[dict]) -> list[str]:
+    """The speed section against the peer: wall time and ratio, row by row (the numbers, no verdict)."""
+    timed = [r for r in done if r.get("zennit_ratio") is not None]
+    if not timed:
+        return []
+    speedup = [r["zennit_s"] / r["explainer_s"] for r in timed]
+    fwd = [r["torch_forward_s"] / r["forward_s"] for r in timed]
+    worse = [r for r in timed if r["ratio"] > r["zennit_ratio"]]
+    lines = ["", "## Against Zennit", "",
+             f"On all {len(timed)} timed rows lrponnx's explainer (ONNX Runtime) takes less wall time than Zennit's "
+             f"heatmap (PyTorch) for the same batch: {min(speedup):.1f}x to {max(speedup):.1f}x faster "
+             f"(median {sorted(speedup)[len(speedup) // 2]:.1f}x). PyTorch's forward pass takes {min(fwd):.1f}x to "
+             f"{max(fwd):.1f}x the time of ONNX Runtime's, so the ratio column, which divides by ONNX Runtime's, "
+             f"is the stricter measure: lrponnx's ratio is at or below Zennit's on {len(timed) - len(worse)} of "
+             f"{len(timed)} rows."]
+    if worse:
+        lines += ["", "Rows where lrponnx's ratio is above Zennit's:", ""]
+        lines += [f"- {r['arch']} ({r['exporter']}): {r['ratio']:.2f} vs {r['zennit_ratio']:.2f} (forward "
+                  f"{r['forward_s']} s in ONNX Runtime, {r['torch_forward_s']} s in PyTorch; explainer "
+                  f"{r['explainer_s']} s vs {r['zennit_s']} s)" for r in worse]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -568,10 +680,12 @@ def main(argv=None) -> int:
                    help="add Zennit's float32-vs-float64 error to stored rows whose parity is above 1e-5")
     p.add_argument("--doc-only", action="store_true", help="rewrite docs/coverage.md from the stored results")
     p.add_argument("--retime", action="store_true", help="only time the stored rows that convert again")
+    p.add_argument("--zennit-time", action="store_true",
+                   help="with --retime: also time Zennit's heatmap and PyTorch's forward in the same loop")
     a = p.parse_args(argv)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads if a.retime else 1)  # the torch side of --zennit-time runs on --threads
     archs = [s for s in a.archs.split(",") if s]
     exporters = [s for s in a.exporters.split(",") if s]
     if a.export_only:
@@ -586,7 +700,7 @@ def main(argv=None) -> int:
     if a.zennit32:
         return add_zennit32(archs, exporters)
     if a.retime:
-        return retime(archs, exporters, a.threads)
+        return retime(archs, exporters, a.threads, zennit=a.zennit_time)
     if a.doc_only:
         write_doc(json.loads(RESULTS.read_text()))
         return 0
