@@ -214,13 +214,6 @@ def export_onnx(state_dict: dict, arch: Arch, mean: list[float], std: list[float
     return model
 
 
-def mean_of(model: onnx.ModelProto) -> list[float]:
-    for p in model.metadata_props:
-        if p.key == PREPROCESSING_KEY:
-            return json.loads(p.value)["mean"]
-    raise ValueError("no lrponnx.preprocessing metadata")
-
-
 def state_dict_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The initializers of an exported model, keyed like the torch state dict."""
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

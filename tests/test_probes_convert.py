@@ -18,8 +18,7 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
