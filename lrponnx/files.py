@@ -183,15 +183,15 @@ def write_model(model: onnx.ModelProto, path) -> None:
     graph_len = 0
     for fd in sorted(graph.DESCRIPTOR.fields, key=lambda fd: fd.number):
         if _is_repeated(fd) and fd.type == fd.TYPE_MESSAGE:
-            key = _varint(fd.number << 3 | 2)  # length-delimited
+            key = varint(fd.number << 3 | 2)  # length-delimited
             for item in getattr(graph, fd.name):
                 size = item.ByteSize()  # not cached by protobuf: once per element (CaffeNet: 0.24 s)
-                parts += [key + _varint(size), item]
+                parts += [key + varint(size), item]
                 graph_len += len(parts[-2]) + size
         else:
             parts.append(_serialize(_fields(graph, fd.number, fd.number + 1)))
             graph_len += len(parts[-1])
-    head = _serialize(_fields(model, 0, m)) + _varint(m << 3 | 2) + _varint(graph_len)
+    head = _serialize(_fields(model, 0, m)) + varint(m << 3 | 2) + varint(graph_len)
     tail = _serialize(_fields(model, m + 1, 1 << 30))
     if len(head) + graph_len + len(tail) >= 1 << 31:  # protobuf could not read it back
         raise OutputError("the model is too large for one ONNX file (over 2 GiB); store its weights in a side "
@@ -233,7 +233,8 @@ def _is_repeated(fd) -> bool:
         return fd.label == fd.LABEL_REPEATED
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """A non-negative integer as a protobuf base-128 varint (keys and lengths of the wire format)."""
     out = bytearray()
     while True:
         b = n & 0x7F

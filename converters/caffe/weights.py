@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lrponnx.errors import InvalidModelError, shorten
+from lrponnx.files import varint
 
 from lrponnx.converters.caffe import proto as cpb
 from lrponnx.converters.caffe.layers import LAYERS
@@ -99,11 +100,4 @@ def blob_bytes(a: np.ndarray) -> bytes:
     bp = cpb.BlobProto()
     bp.shape.dim.extend(int(d) for d in a.shape)
     raw = np.ascontiguousarray(a, dtype="<f4").tobytes()
-    n, size = [], len(raw)
-    while True:
-        byte = size & 0x7F
-        size >>= 7
-        n.append(byte | (0x80 if size else 0))
-        if not size:
-            break
-    return bp.SerializeToString() + bytes([5 << 3 | 2]) + bytes(n) + raw
+    return bp.SerializeToString() + varint(5 << 3 | 2) + varint(len(raw)) + raw  # field 5: packed data
