@@ -28,6 +28,7 @@ and the dynamo default, "dynamo"), the ONNX file is exported once and cached in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -375,22 +376,20 @@ def time_row(row: dict, plain, sess, size: int, batch: int = 8, zennit: bool = F
         xb = np.repeat(x1, batch, axis=0)
         fns = [lambda: [plain.run(None, {"input": x1}) for _ in range(batch)],
                lambda: [sess.run(None, {"input": x1, "target": np.full([1], -1, np.int64)}) for _ in range(batch)]]
-    with _zennit_timers(row["arch"], xb) if zennit else _no_timers() as extra:
+    with _zennit_timers(row["arch"], xb) if zennit else contextlib.nullcontext(()) as extra:
         times = _interleaved_times(*fns, *extra)
     row["forward_s"], row["explainer_s"] = round(times[0], 3), round(times[1], 3)
     row["ratio"] = round(times[1] / times[0], 2)
+    for key in ZENNIT_TIMES:  # a retime without Zennit leaves no Zennit numbers of an older run beside it
+        row.pop(key, None)
     if zennit:
         row["torch_forward_s"], row["zennit_s"] = round(times[2], 3), round(times[3], 3)
         row["zennit_ratio"] = round(times[3] / times[2], 2)
     row["load"] = round(os.getloadavg()[0], 1)
 
 
-class _no_timers:
-    def __enter__(self):
-        return ()
-
-    def __exit__(self, *exc):
-        return False
+#: the row keys ``time_row`` writes with ``zennit``
+ZENNIT_TIMES = ("torch_forward_s", "zennit_s", "zennit_ratio")
 
 
 class _zennit_timers:
